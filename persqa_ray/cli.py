@@ -1,0 +1,59 @@
+"""`persqa-ray run|validate` (and `python -m persqa_ray ...`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="persqa-ray", description="Personalized visual-QA datasets on Ray Data + vLLM.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "run the job"), ("validate", "check a config without running")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", help="YAML config file")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set engine.batch_size=8 (repeatable)")
+        s.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ...)")
+        s.add_argument("--quiet", action="store_true", help="no progress bars; print only the summary")
+        if name == "run":
+            s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+            s.add_argument("--json", action="store_true", help="print the summary as JSON")
+        else:
+            s.add_argument("--explain", action="store_true", help="list every config field with its description")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from persqa_ray.config import ConfigError, describe_fields, load_config
+
+    overrides = list(args.overrides) + (["output.overwrite=true"] if getattr(args, "overwrite", False) else [])
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.command == "validate":
+            from persqa_ray.pipeline import plan
+            p = plan(cfg)
+            print(f"config OK: {len(p.shards)} input shard(s), model {p.config.engine.model}, "
+                  f"output {p.config.output.path}")
+            if args.explain:
+                for name, default, desc in describe_fields():
+                    print(f"{name} = {default}\n    {desc}")
+            return 0
+        if args.quiet:
+            os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+        from persqa_ray.pipeline import run
+        from persqa_ray.io.writers import human_summary
+        summary = run(cfg)
+    except ConfigError as e:
+        print(f"persqa-ray: config error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2) if getattr(args, "json", False) else human_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

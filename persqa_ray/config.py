@@ -1,0 +1,245 @@
+"""The whole run's configuration: pydantic models, YAML loading and ``--set`` overrides.
+
+Every field has a description (``persqa-ray validate --explain`` prints them); unknown keys are
+refused; a bad value is reported as ``section.field: reason`` before any work starts.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Columns of the output row that users may partition by (low-cardinality ones).
+PARTITIONABLE_COLUMNS = ("status", "concept", "tag", "subject_type", "model", "template_id", "language")
+
+
+class ConfigError(ValueError):
+    """A configuration the run refuses; the message names each bad field and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Section):
+    path: Union[str, list[str]] = Field(
+        description="Input shards: a file, a directory, a glob, or a list of these; local paths or "
+        "fsspec URLs (s3://bucket/prefix). Relative local paths resolve against the current directory.")
+    format: Literal["auto", "jsonl", "parquet"] = Field(
+        "auto", description="Shard format; 'auto' picks by extension (.jsonl/.json/.ndjson or .parquet).")
+    image_column: str = Field(
+        "image", description="Column holding an image path/URL or a list of them.")
+    id_column: Optional[str] = Field(
+        None, description="Column with a stable row id. Unset: the id is a hash of the shard's path "
+        "and the row's position in it.")
+    paths_relative_to: Literal["input_dir", "cwd"] = Field(
+        "input_dir", description="How relative image paths resolve: against the shard's directory, or "
+        "the driver's current directory (the DataFlow-style API uses 'cwd').")
+    allowed_roots: Optional[list[str]] = Field(
+        None, description="Local image paths are read only under these directories. Unset: the "
+        "directories of the input shards (and of 'cwd' when paths_relative_to is 'cwd').")
+    allowed_schemes: list[str] = Field(
+        ["file", "s3"], description="URL schemes image references may use.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for remote paths (e.g. for s3: "
+        "{'client_kwargs': {'endpoint_url': ...}, 'anon': false}). Credentials come from the usual "
+        "AWS environment/profile; values here are never logged.")
+    max_image_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Images larger than this many bytes are refused (image_too_large).")
+
+
+class ImageConfig(_Section):
+    max_pixels: int = Field(
+        1003520, gt=0, description="Pixel budget per image after resize (Qwen2-VL/2.5-VL 'max_pixels'; "
+        "1003520 = 1280 * 28 * 28). Keep it at or below the model processor's own limit so the "
+        "processor has nothing left to resize.")
+    min_pixels: int = Field(
+        3136, gt=0, description="Smaller images are scaled up to at least this many pixels (56 * 56).")
+    resize_factor: int = Field(
+        28, gt=0, description="Resized sides are multiples of this (patch size * spatial merge; 28 for Qwen2-VL).")
+    max_aspect_ratio: float = Field(
+        150.0, gt=1, description="Longer/shorter side ratio beyond which the image is padded (Qwen2-VL refuses > 200).")
+    max_decode_pixels: int = Field(
+        100_000_000, gt=0, description="Images whose header declares more pixels are refused before "
+        "decoding (decompression bombs).")
+    concurrency: Union[int, tuple[int, int]] = Field(
+        1, description="Decode actor pool size: N, or [min, max] to autoscale.")
+    num_cpus: float = Field(
+        0.5, gt=0, description="CPUs reserved per decode actor. Fractional on small machines so the "
+        "read tasks keep a CPU (an all-CPU actor pool starves them and the job hangs).")
+    batch_size: int = Field(16, gt=0, description="Rows per decode batch.")
+
+
+class PromptConfig(_Section):
+    tag: str = Field("mam", description="Concept tag name, rendered '<tag>' in questions and answers.")
+    seed: int = Field(0, description="Run seed; with the row id it fixes which questions a row gets.")
+    questions_per_image: int = Field(1, ge=1, le=32, description="k distinct questions (QA rows) per input row.")
+    language: Literal["en", "zh"] = Field("en", description="Template and system-prompt language.")
+    templates: Optional[str] = Field(
+        None, description="Path to a template YAML file; unset: the packaged file for `language`.")
+    system_prompt: Optional[str] = Field(
+        None, description="Override the template file's system prompt ('{tag}' is replaced).")
+
+    @field_validator("tag")
+    @classmethod
+    def _tag_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "_-" for c in v):
+            raise ValueError("must be a bare name of letters, digits, '_' or '-' (rendered as '<name>')")
+        return v
+
+
+class EngineConfig(_Section):
+    kind: Literal["vllm"] = Field("vllm", description="Inference engine: 'vllm' (in-process vLLM in each actor).")
+    model: str = Field(
+        "Qwen/Qwen2.5-VL-3B-Instruct", description="Model directory or hub id (the hub needs network).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans.")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs reserved per engine actor (0 on CPU-only machines).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per engine actor.")
+    concurrency: Union[int, tuple[int, int]] = Field(
+        1, description="Engine actor pool size: N, or [min, max]. One engine per actor.")
+    batch_size: int = Field(16, gt=0, description="Rows per generate batch handed to one engine call.")
+    max_tokens: int = Field(128, gt=0, description="Upper bound on generated tokens per answer.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: Optional[int] = Field(None, description="Top-k sampling (unset: off).")
+    repetition_penalty: float = Field(1.0, gt=0, description="vLLM repetition penalty.")
+    max_model_len: Optional[int] = Field(4096, gt=0, description="Context length the engine reserves for.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may use.")
+    enforce_eager: bool = Field(False, description="Skip graph compilation (much faster start on CPU).")
+    max_images_per_prompt: int = Field(4, ge=1, description="Most images one row may carry (vLLM limit_mm_per_prompt).")
+    guided_prefix: bool = Field(
+        True, description="Use structured output (regex) so every answer begins with the tag; the "
+        "rest of the answer stays free text.")
+    max_retries: int = Field(2, ge=0, description="Re-asks (new seed) for an answer that fails validation.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for the vLLM engine (EngineArgs).")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables set in each engine actor before vLLM "
+        "starts (CPU: VLLM_CPU_KVCACHE_SPACE, VLLM_CPU_OMP_THREADS_BIND).")
+
+
+class OutputConfig(_Section):
+    path: str = Field(description="Output directory or fsspec URL for the Parquet dataset and _summary.json.")
+    partition_by: list[str] = Field(["status"], description="Hive partition columns of the output.")
+    pers_qa_format: str = Field(
+        "Question: {question} Answer: {answer}",
+        description="Seed text form of one QA pair ('Question: {question}, Answer: {answer}' for the "
+        "reference code's / Chinese seed's form).")
+    overwrite: bool = Field(False, description="Delete an existing output at `path` first.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for a remote output path (like input.storage_options).")
+
+    @field_validator("partition_by")
+    @classmethod
+    def _partitionable(cls, v: list[str]) -> list[str]:
+        bad = [c for c in v if c not in PARTITIONABLE_COLUMNS]
+        if bad:
+            raise ValueError(f"{bad} cannot be partition columns; choose from {list(PARTITIONABLE_COLUMNS)}")
+        return v
+
+    @field_validator("pers_qa_format")
+    @classmethod
+    def _format_fields(cls, v: str) -> str:
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"not a valid format string: {e}") from None
+        if names != {"question", "answer"}:
+            raise ValueError("must use exactly the fields {question} and {answer}")
+        return v
+
+
+class RayConfig(_Section):
+    address: Optional[str] = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); unset: a local Ray on this "
+        "machine (or the cluster a `ray job submit` runs in).")
+    num_cpus: Optional[int] = Field(
+        None, gt=0, description="Logical CPUs for a local Ray; unset: max(4, cores). More logical CPUs "
+        "than cores keeps tiny machines from deadlocking read tasks behind actors.")
+    object_store_memory: Optional[int] = Field(None, gt=0, description="Object store bytes for a local Ray.")
+
+
+class PersQAConfig(_Section):
+    input: InputConfig
+    image: ImageConfig = Field(default_factory=ImageConfig, description="Decode and resize.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="Tag, questions, templates.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The VLM engine and its pool.")
+    output: OutputConfig
+    ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PersQAConfig":
+        if self.image.min_pixels > self.image.max_pixels:
+            raise ValueError("image.min_pixels must not exceed image.max_pixels")
+        return self
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'a.b=c' -> ('a.b', yaml value of c): ints, floats, bools, lists parse as in the YAML file."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def load_config(source: Union[str, Path, dict, PersQAConfig], overrides: list[str] = ()) -> PersQAConfig:
+    """Build a validated config from a YAML file, a dict or a config, plus 'a.b=c' overrides."""
+    if isinstance(source, PersQAConfig):
+        if not overrides:
+            return source
+        tree = source.model_dump(mode="json")
+    elif isinstance(source, dict):
+        tree = dict(source)
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for item in overrides:
+        _set_dotted(tree, *parse_override(item))
+    try:
+        return PersQAConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def describe_fields(model: type[BaseModel] = PersQAConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) for every field: the config reference in the README."""
+    rows = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe_fields(ann, f"{prefix}{name}.")
+            continue
+        default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+        rows.append((f"{prefix}{name}", default, f.description or ""))
+    return rows

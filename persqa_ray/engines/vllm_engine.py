@@ -1,0 +1,110 @@
+"""The in-process vLLM engine: the only file that imports vLLM.
+
+vLLM's Python API moves between releases; every call we make to it is here, and only public,
+long-lived names are used: `vllm.LLM`, `vllm.SamplingParams`, `StructuredOutputsParams`,
+`LLM.get_tokenizer`, `LLM.generate`. The supported range lives in persqa_ray/versions.py.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Optional, Sequence
+
+from persqa_ray.engines.base import GenerationRequest, GenerationResult
+from persqa_ray.versions import check_vllm
+
+log = logging.getLogger(__name__)
+
+
+def prefix_regex(prefix: str) -> str:
+    """Force only the beginning of the answer; the rest is free text bounded by max_tokens."""
+    return re.escape(prefix) + r"[\s\S]*"
+
+
+class VLLMEngine:
+    def __init__(self, model: str, *, tensor_parallel_size: int = 1, max_model_len: Optional[int] = None,
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                 max_images_per_prompt: int = 4, max_tokens: int = 128, temperature: float = 0.7,
+                 top_p: float = 0.9, top_k: Optional[int] = None, repetition_penalty: float = 1.0,
+                 seed: int = 0, env: Optional[dict[str, str]] = None,
+                 engine_kwargs: Optional[dict[str, Any]] = None):
+        for k, v in (env or {}).items():  # before vLLM is imported: its engine process inherits them
+            os.environ.setdefault(k, str(v))
+        self.version = check_vllm()
+        from vllm import LLM, SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        self._SamplingParams = SamplingParams
+        self._StructuredOutputsParams = StructuredOutputsParams
+        self.model_name = model
+        self.sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                             repetition_penalty=repetition_penalty)
+        if top_k is not None:
+            self.sampling["top_k"] = top_k
+        kwargs = dict(model=model, tensor_parallel_size=tensor_parallel_size,
+                      gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                      limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0}, seed=seed)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        kwargs.update(engine_kwargs or {})
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    # -- prompts ---------------------------------------------------------------------------
+    def render_prompt(self, req: GenerationRequest) -> str:
+        content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.user_prompt}]
+        messages = [{"role": "system", "content": req.system_prompt}, {"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _params(self, req: GenerationRequest):
+        extra = {}
+        if req.answer_prefix:
+            extra["structured_outputs"] = self._StructuredOutputsParams(regex=prefix_regex(req.answer_prefix))
+        return self._SamplingParams(seed=req.seed, **self.sampling, **extra)
+
+    def _inputs(self, req: GenerationRequest) -> dict:
+        item: dict[str, Any] = {"prompt": self.render_prompt(req)}
+        if req.images:
+            item["multi_modal_data"] = {"image": list(req.images)}
+        return item
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        if not requests:
+            return []
+        try:
+            outs = self.llm.generate([self._inputs(r) for r in requests],
+                                     [self._params(r) for r in requests], use_tqdm=False)
+            return [self._result(o) for o in outs]
+        except Exception as e:  # noqa: BLE001
+            if len(requests) == 1 or not self.alive():
+                return [GenerationResult(None, error=f"{type(e).__name__}: {e}") for _ in requests]
+            # One bad request (too long, odd image) fails the whole call: isolate it so the rest
+            # of the batch still gets answers.
+            log.warning("batch of %d failed (%s); retrying one by one", len(requests), e)
+            return [self.generate([r])[0] for r in requests]
+
+    @staticmethod
+    def _result(o) -> GenerationResult:
+        c = o.outputs[0]
+        return GenerationResult(text=c.text, num_input_tokens=len(o.prompt_token_ids or []),
+                                num_output_tokens=len(c.token_ids or []))
+
+    def alive(self) -> bool:
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        resources = getattr(core, "resources", None)
+        return not getattr(resources, "engine_dead", False)
+
+    def shutdown(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        try:
+            engine = getattr(llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            log.debug("engine shutdown raised", exc_info=True)

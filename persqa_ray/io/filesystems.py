@@ -1,0 +1,82 @@
+"""fsspec access for local paths and URLs (s3:// through s3fs), plus listing of input shards."""
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any, Iterable
+
+import fsspec
+
+SHARD_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def scheme_of(path: str) -> str:
+    return path.split("://", 1)[0].lower() if is_url(path) else "file"
+
+
+def filesystem(path: str, storage_options: dict[str, Any] | None = None):
+    """(fs, path within it) for a local path or URL."""
+    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    return fs, p
+
+
+def _with_scheme(fs, p: str, original: str) -> str:
+    return fs.unstrip_protocol(p) if is_url(original) else p
+
+
+def format_of(path: str, declared: str) -> str | None:
+    if declared != "auto":
+        return declared
+    return SHARD_EXTENSIONS.get(os.path.splitext(path.lower())[1])
+
+
+def list_shards(paths: str | Iterable[str], declared_format: str = "auto",
+                storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """Expand files, directories and globs into sorted (shard path, format) pairs.
+
+    Local paths come back absolute. Raises FileNotFoundError naming the first path that matches
+    nothing, so a typo fails before any work starts.
+    """
+    items = [paths] if isinstance(paths, str) else list(paths)
+    found: dict[str, str] = {}
+    for item in items:
+        local = not is_url(item)
+        if local:
+            item = os.path.abspath(os.path.expanduser(item))
+        fs, p = filesystem(item, storage_options)
+        if any(ch in p for ch in "*?["):
+            matches = sorted(fs.glob(p))
+        elif fs.isdir(p):
+            matches = sorted(f for f in fs.find(p) if not posixpath.basename(f).startswith(("_", ".")))
+        elif fs.exists(p):
+            matches = [p]
+        else:
+            raise FileNotFoundError(f"input.path: {item} does not exist")
+        kept = 0
+        for m in matches:
+            full = _with_scheme(fs, m, item)
+            fmt = format_of(full, declared_format)
+            if fmt is not None and not fs.isdir(m):
+                found[full] = fmt
+                kept += 1
+        if kept == 0:
+            raise FileNotFoundError(f"input.path: {item} holds no .jsonl/.json/.parquet shard")
+    return sorted(found.items())
+
+
+def parent_of(path: str) -> str:
+    if is_url(path):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.dirname(rest)}"
+    return os.path.dirname(path)
+
+
+def join(base: str, ref: str) -> str:
+    if is_url(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, ref))}"
+    return os.path.normpath(os.path.join(base, ref))

@@ -1,0 +1,56 @@
+"""The output row contract (DESIGN.md "Output row") and the status codes rows can carry."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+OK = "ok"
+# Failures before generation: one error row for the input row.
+BAD_RECORD = "bad_record"            # malformed JSONL line, not an object, unusable field values
+MISSING_COLUMN = "missing_column"    # the shard has no image column
+NO_IMAGE = "no_image"                # null / empty image reference
+TOO_MANY_IMAGES = "too_many_images"  # more images than engine.max_images_per_prompt
+PATH_NOT_ALLOWED = "path_not_allowed"  # outside input.allowed_roots or a scheme not allowed
+MISSING_IMAGE = "missing_image"      # the file / object does not exist
+BAD_IMAGE = "bad_image"              # exists but cannot be decoded as an image
+IMAGE_TOO_LARGE = "image_too_large"  # byte size or declared pixel count over the limit
+# Failures of one QA row.
+ENGINE_ERROR = "engine_error"
+INVALID_OUTPUT = "invalid_output"
+
+# Our columns, in order, with fixed types so every output file has one schema.
+OUTPUT_FIELDS = [
+    pa.field("row_id", pa.string()),
+    pa.field("qa_index", pa.int32()),
+    pa.field("concept", pa.string()),
+    pa.field("tag", pa.string()),
+    pa.field("subject_type", pa.string()),
+    pa.field("question", pa.string()),
+    pa.field("answer", pa.string()),
+    pa.field("pers_qa", pa.string()),
+    pa.field("template_id", pa.string()),
+    pa.field("language", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("prompt_version", pa.string()),
+    pa.field("num_input_tokens", pa.int32()),
+    pa.field("num_output_tokens", pa.int32()),
+    pa.field("attempts", pa.int32()),
+]
+OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]
+# Working columns that travel between stages and never reach the output.
+INTERNAL_PREFIX = "_pq_"
+PIXELS = "_pq_pixels"        # list<large_binary>: raw RGB uint8, row-major
+SHAPES = "_pq_shapes"        # list<list<int32>>: [height, width] per image
+QUESTIONS = "_pq_questions"  # list<string>: k questions
+TEMPLATE_IDS = "_pq_template_ids"
+PROMPTS = "_pq_prompts"      # list<string>: k user messages
+SOURCE = "_pq_source"        # shard path the row came from
+
+
+def input_column_name(name: str) -> str:
+    """Input columns that clash with ours are kept under 'input_<name>' instead of being lost."""
+    if name in OUTPUT_COLUMNS or name.startswith(INTERNAL_PREFIX):
+        return f"input_{name}"
+    return name
