@@ -5,6 +5,7 @@ refused; a bad value is reported as ``section.field: reason`` before any work st
 """
 from __future__ import annotations
 
+import copy
 import string
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -192,7 +193,16 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected dotted.key=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return key.strip(), ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return key.strip(), raw
+    # "Q: {question}" is a YAML mapping, but nobody means a mapping without braces: keep the text.
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        return key.strip(), raw
+    return key.strip(), value
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -213,7 +223,7 @@ def load_config(source: Union[str, Path, dict, PersQAConfig], overrides: list[st
             return source
         tree = source.model_dump(mode="json")
     elif isinstance(source, dict):
-        tree = dict(source)
+        tree = copy.deepcopy(source)
     else:
         p = Path(source)
         if not p.is_file():

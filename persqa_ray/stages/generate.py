@@ -41,7 +41,9 @@ def request_seed(seed: int, row_id: str, qa_index: int, attempt: int) -> int:
 
 
 def _images(pixels: list[bytes], shapes: list[list[int]]) -> list[np.ndarray]:
-    return [np.frombuffer(p, dtype=np.uint8).reshape(h, w, 3) for p, (h, w) in zip(pixels, shapes)]
+    # bytearray: one memcpy so the array is writable (torch.from_numpy in the processor warns on
+    # read-only buffers); no decoding happens here.
+    return [np.frombuffer(bytearray(p), dtype=np.uint8).reshape(h, w, 3) for p, (h, w) in zip(pixels, shapes)]
 
 
 @dataclass
@@ -60,11 +62,14 @@ class _QA:
 
 
 class GenerateStage:
-    def __init__(self, opts: GenerateOptions, stats: Any = None):
+    def __init__(self, opts: GenerateOptions, stats: Any = None, engine: Any = None):
         self.opts = opts
         self.stats = stats
         self.engine_restarts = 0
-        self.engine = opts.engine.build()
+        # `engine`: an already running engine (the DataFlow-style API and tests share one);
+        # otherwise the actor builds its own from the spec, once.
+        self._owns_engine = engine is None
+        self.engine = engine if engine is not None else opts.engine.build()
 
     def _restart_engine(self) -> None:
         self.engine_restarts += 1
@@ -161,5 +166,5 @@ class GenerateStage:
 
     def __del__(self):
         engine = getattr(self, "engine", None)
-        if engine is not None:
+        if engine is not None and getattr(self, "_owns_engine", False):
             engine.shutdown()

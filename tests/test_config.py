@@ -1,0 +1,54 @@
+import pytest
+
+from persqa_ray.config import ConfigError, describe_fields, load_config
+
+BASE = {"input": {"path": "in"}, "output": {"path": "out"}}
+
+
+def test_defaults_and_override_types():
+    cfg = load_config(BASE, ["engine.batch_size=8", "output.partition_by=[status, concept]",
+                             "prompt.tag=bo", "engine.temperature=0"])
+    assert cfg.engine.batch_size == 8
+    assert cfg.output.partition_by == ["status", "concept"]
+    assert cfg.prompt.tag == "bo" and cfg.engine.temperature == 0.0
+    assert cfg.prompt.questions_per_image == 1 and cfg.image.max_pixels == 1003520
+
+
+@pytest.mark.parametrize("override, field", [
+    ("engine.batch_size=0", "engine.batch_size"),
+    ("engine.kind=sglang", "engine.kind"),
+    ("prompt.tag=<mam>", "prompt.tag"),
+    ("output.partition_by=[answer]", "output.partition_by"),
+    ("output.pers_qa_format=Q: {question}", "output.pers_qa_format"),
+    ("engine.top_p=1.5", "engine.top_p"),
+    ("engine.bogus=1", "engine.bogus"),
+    ("image.min_pixels=99999999", "image.min_pixels"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(BASE, [override])
+    assert field in str(e.value)
+
+
+def test_missing_required_section_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="output"):
+        load_config({"input": {"path": "x"}})
+    p = tmp_path / "c.yaml"
+    p.write_text("input: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_every_field_is_described():
+    rows = describe_fields()
+    assert len(rows) > 40
+    undocumented = [name for name, _, desc in rows if not desc.strip()]
+    assert undocumented == []
+
+
+def test_shipped_configs_validate(repo_root):
+    for name in ("demo.yaml",):
+        cfg = load_config(repo_root / "configs" / name)
+        assert cfg.engine.kind == "vllm"
