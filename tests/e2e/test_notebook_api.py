@@ -1,0 +1,34 @@
+"""The notebook API in-process: build_dataset is lazy, take() works, k QA rows per image."""
+import ray
+import pytest
+
+import persqa_ray
+from tests.conftest import demo_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_build_dataset_k3_then_run(local_ray, demo_data, tiny_model, tmp_path):
+    data_dir, manifest = demo_data
+    cfg = demo_config(data_dir, tmp_path / "out", tiny_model, prompt={"questions_per_image": 3, "seed": 5})
+    ds = persqa_ray.build_dataset(cfg)
+    assert isinstance(ds, ray.data.Dataset)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # lazy: nothing written
+    rows = ds.take_all()
+    ok_ids = {r["row_id"] for r in rows if r["status"] == "ok"}
+    err = [r for r in rows if r["status"] != "ok"]
+    assert len(ok_ids) == manifest["rows"] - 2 and len(err) == 2
+    assert len(rows) == 3 * len(ok_ids) + 2  # k rows per ok input row, one per failed row
+    for rid in ok_ids:
+        qa = sorted((r for r in rows if r["row_id"] == rid), key=lambda r: r["qa_index"])
+        assert [r["qa_index"] for r in qa] == [0, 1, 2]
+        assert len({r["template_id"] for r in qa}) == 3  # distinct questions
+        assert {r["template_id"].split("-")[1] for r in qa} == {"act", "scn"}  # spread over families
+        assert all(r["answer"].startswith("<mam>") for r in qa)
