@@ -58,15 +58,20 @@ def engine_spec(cfg: PersQAConfig) -> EngineSpec:
         engine_kwargs=dict(e.engine_kwargs)))
 
 
-def plan(config: Union[PersQAConfig, dict, str]) -> Plan:
-    """Validate everything that can be checked before starting work; raises ConfigError."""
+def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str, str]]] = None) -> Plan:
+    """Validate everything that can be checked before starting work; raises ConfigError.
+
+    `shards`: already known (path, format) pairs (the DataFlow-style API reads its own file);
+    otherwise input.path is listed.
+    """
     cfg = load_config(config)
-    try:
-        shards = list_shards(cfg.input.path, cfg.input.format, cfg.input.storage_options)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - unreachable bucket, bad credentials, ...
-        raise ConfigError(f"input.path: cannot list {cfg.input.path} ({type(e).__name__}: {e})") from None
+    if shards is None:
+        try:
+            shards = list_shards(cfg.input.path, cfg.input.format, cfg.input.storage_options)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - unreachable bucket, bad credentials, ...
+            raise ConfigError(f"input.path: cannot list {cfg.input.path} ({type(e).__name__}: {e})") from None
     cwd = os.getcwd()
     roots = cfg.input.allowed_roots
     if roots is None:
@@ -143,9 +148,9 @@ def _compose(p: Plan, stats) -> ray.data.Dataset:
 _STATS_HANDLES: list = []
 
 
-def build_dataset(config: Union[PersQAConfig, dict, str]) -> ray.data.Dataset:
+def build_dataset(config: Union[PersQAConfig, dict, str], _plan: Optional[Plan] = None) -> ray.data.Dataset:
     """The whole pipeline as a lazy Ray Dataset of output rows (nothing runs until consumed)."""
-    p = plan(config)
+    p = _plan or plan(config)
     init_ray(p.config)
     stats = RunStats.remote()
     _STATS_HANDLES.append(stats)

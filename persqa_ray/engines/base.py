@@ -19,6 +19,7 @@ class GenerationRequest:
     images: list[np.ndarray]          # RGB uint8 HxWx3, already at the model's size
     seed: Optional[int] = None        # per-request sampling seed (reproducible reruns)
     answer_prefix: Optional[str] = None  # structured output: the answer must begin with this
+    prompt: Optional[str] = None      # an already chat-templated prompt (used as is when set)
 
 
 @dataclass

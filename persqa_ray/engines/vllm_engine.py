@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+from contextlib import contextmanager
 from typing import Any, Optional, Sequence
 
 from persqa_ray.engines.base import GenerationRequest, GenerationResult
@@ -22,9 +24,32 @@ def prefix_regex(prefix: str) -> str:
     return re.escape(prefix) + r"[\s\S]*"
 
 
+@contextmanager
+def _spawn_without_user_main():
+    """Start engine processes without re-running the user's script in them.
+
+    vLLM's CPU platform always starts its engine process with multiprocessing 'spawn', which
+    re-imports the parent's __main__ (by path or module name) in the child. A notebook has no
+    __main__ file, but a plain script like DataFlow-MM's documented example has no
+    `if __name__ == "__main__":` guard, so the child would run the whole script again and fail.
+    The engine process needs nothing from the user's main module, so hide it while starting.
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if main is not None and hasattr(main, k)}
+    try:
+        if "__file__" in saved:
+            del main.__file__
+        if "__spec__" in saved:
+            main.__spec__ = None
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
 class VLLMEngine:
     def __init__(self, model: str, *, tensor_parallel_size: int = 1, max_model_len: Optional[int] = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                 gpu_memory_utilization: float = 0.9, enforce_eager: Optional[bool] = False,
                  max_images_per_prompt: int = 4, max_tokens: int = 128, temperature: float = 0.7,
                  top_p: float = 0.9, top_k: Optional[int] = None, repetition_penalty: float = 1.0,
                  seed: int = 0, env: Optional[dict[str, str]] = None,
@@ -35,6 +60,9 @@ class VLLMEngine:
         from vllm import LLM, SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
+        if enforce_eager is None:  # auto: graph compilation costs ~60 s at start on CPU, pays off on GPU
+            import torch
+            enforce_eager = not torch.cuda.is_available()
         self._SamplingParams = SamplingParams
         self._StructuredOutputsParams = StructuredOutputsParams
         self.model_name = model
@@ -48,11 +76,17 @@ class VLLMEngine:
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(engine_kwargs or {})
-        self.llm = LLM(**kwargs)
+        with _spawn_without_user_main():
+            self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
     # -- prompts ---------------------------------------------------------------------------
+    def chat_template(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def render_prompt(self, req: GenerationRequest) -> str:
+        if req.prompt is not None:
+            return req.prompt
         content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.user_prompt}]
         messages = [{"role": "system", "content": req.system_prompt}, {"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -92,7 +92,7 @@ def _parquet_records(f, shard: str, opts: ReadOptions) -> Iterator[dict]:
             position += 1
 
 
-def _to_table(rows: list[dict]) -> pa.Table:
+def rows_to_table(rows: list[dict]) -> pa.Table:
     try:
         table = pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
@@ -125,17 +125,17 @@ def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None) -> Iterator[
                 rows.append(row)
                 count += 1
                 if len(rows) >= READ_BATCH_ROWS:
-                    yield _to_table(rows)
+                    yield rows_to_table(rows)
                     rows = []
     except Exception as e:  # noqa: BLE001 - a shard that cannot be parsed is reported, not fatal
         if stats is not None:
             import ray
             ray.get(stats.shard_failed.remote(shard, f"{type(e).__name__}: {e}", count))
         if rows:
-            yield _to_table(rows)
+            yield rows_to_table(rows)
         return
     if rows:
-        yield _to_table(rows)
+        yield rows_to_table(rows)
     if stats is not None:
         import ray
         ray.get(stats.shard_read.remote(shard, count))

@@ -1,0 +1,168 @@
+"""`PersQAGenerate` (alias `PersQAGenerator`): DataFlow-MM's personalized image-QA operator.
+
+A thin face: the rows go through persqa_ray's own functions — `plan()` for the options,
+`normalize_row`, `build_requests`, `DecodeStage`, `GenerateStage` (validation, retries, the
+`pers_qa` text) — in this process, or through Ray Data (`build_dataset`, the same stages) for
+large inputs. No logic of the pipeline is copied here.
+
+What it keeps from the seed: the subject is named `<mam>`, a question comes from templates, the
+model is asked to begin with the name, many images go in one batch. What it fixes: the tag and the
+seed can be set (the draw is seeded per row); answers are checked to start with the tag (forced by
+structured output with our serving); a multi-image row is one prompt and one QA; a row whose
+image fails keeps its columns with the output key null and `status`/`error` set; an existing
+column under the output key is replaced (with a warning) instead of raising.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+import pyarrow as pa
+
+from persqa_ray.compat.serving import LLMServingABC, LocalModelVLMServing_vllm
+from persqa_ray.engines.base import GenerationRequest, GenerationResult
+from persqa_ray.io.readers import normalize_row, rows_to_table
+from persqa_ray.pipeline import Plan, build_dataset, plan
+from persqa_ray.stages.decode import DecodeStage
+from persqa_ray.stages.generate import GenerateStage
+from persqa_ray.stages.requests import build_requests
+
+log = logging.getLogger(__name__)
+NO_PATH = "dataflow-storage"  # row-id source for storages that do not say which file they read
+
+
+class _ServingEngine:
+    """Adapts a user's own LLMServingABC object to our engine protocol (no structured output:
+    answers are still validated and re-asked)."""
+
+    def __init__(self, serving: Any):
+        self.serving = serving
+        self.model_name = str(getattr(serving, "model_name", type(serving).__name__))
+
+    def _prompt(self, req: GenerationRequest) -> str:
+        content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.user_prompt}]
+        messages = [{"role": "system", "content": req.system_prompt}, {"role": "user", "content": content}]
+        processor = getattr(self.serving, "processor", None)
+        if processor is not None and hasattr(processor, "apply_chat_template"):
+            return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{req.system_prompt}\n{req.user_prompt}"
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        if not requests:
+            return []
+        try:
+            texts = self.serving.generate_from_input([self._prompt(r) for r in requests],
+                                                     system_prompt=requests[0].system_prompt,
+                                                     image_inputs=[list(r.images) for r in requests])
+        except Exception as e:  # noqa: BLE001
+            return [GenerationResult(None, error=f"{type(e).__name__}: {e}") for _ in requests]
+        return [GenerationResult(text=t) for t in texts]
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _records(storage) -> list[dict]:
+    """Rows exactly as stored: our FileStorage gives dicts (a DataFrame would invent NaN for keys
+    a row lacks); other storages give a DataFrame, whose NaN we turn back into None."""
+    from persqa_ray.compat.storage import FileStorage
+    if isinstance(storage, FileStorage):
+        return storage.read("dict")
+    data = storage.read("dataframe")
+    if not hasattr(data, "to_dict"):
+        return list(data)
+    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+            for r in data.to_dict("records")]
+
+
+class PersQAGenerate:
+    def __init__(self, llm_serving: LLMServingABC, *, tag: str = "mam", seed: int = 0,
+                 questions_per_image: int = 1, language: str = "en",
+                 pers_qa_format: str = "Question: {question} Answer: {answer}",
+                 max_pixels: Optional[int] = None, allowed_roots: Optional[list[str]] = None,
+                 max_retries: int = 2, execution: str = "auto", ray_threshold_rows: int = 20000):
+        """Extra keyword arguments (all optional, defaults = the seed's behaviour plus fixes):
+        `tag`, `seed`, `questions_per_image`, `language`, `pers_qa_format`, `max_pixels`,
+        `allowed_roots`, `max_retries`; `execution`: 'local' (this process), 'ray' (Ray Data,
+        one engine per actor), or 'auto' = 'ray' above `ray_threshold_rows` input rows when the
+        storage reads a file and the serving is ours."""
+        if execution not in ("auto", "local", "ray"):
+            raise ValueError("execution must be 'auto', 'local' or 'ray'")
+        self.serving = llm_serving
+        self.options = dict(tag=tag, seed=seed, questions_per_image=questions_per_image, language=language,
+                            pers_qa_format=pers_qa_format, max_pixels=max_pixels, allowed_roots=allowed_roots,
+                            max_retries=max_retries)
+        self.execution = execution
+        self.ray_threshold_rows = ray_threshold_rows
+
+    # -- configuration: the same PersQAConfig the CLI uses --------------------------------------
+    def _config(self, path: str, image_column: str) -> dict:
+        o = self.options
+        ours = isinstance(self.serving, LocalModelVLMServing_vllm)
+        engine: dict[str, Any] = {"kind": "vllm", "max_retries": o["max_retries"], "guided_prefix": ours}
+        if ours:
+            s = self.serving.options
+            engine.update(model=s["model"], tensor_parallel_size=s["tensor_parallel_size"],
+                          max_model_len=s["max_model_len"], gpu_memory_utilization=s["gpu_memory_utilization"],
+                          enforce_eager=s["enforce_eager"], max_images_per_prompt=s["max_images_per_prompt"],
+                          max_tokens=s["max_tokens"], temperature=s["temperature"], top_p=s["top_p"],
+                          top_k=s["top_k"], repetition_penalty=s["repetition_penalty"],
+                          engine_kwargs=s["engine_kwargs"], batch_size=self.serving.batch_size)
+        else:
+            engine["model"] = str(getattr(self.serving, "model_name", type(self.serving).__name__))
+        cfg = {"input": {"path": path, "image_column": image_column, "paths_relative_to": "cwd"},
+               "prompt": {"tag": o["tag"], "seed": o["seed"], "questions_per_image": o["questions_per_image"],
+                          "language": o["language"]},
+               "engine": engine,
+               "output": {"path": "unused", "pers_qa_format": o["pers_qa_format"]}}
+        if o["max_pixels"]:
+            cfg["image"] = {"max_pixels": o["max_pixels"]}
+        if o["allowed_roots"]:
+            cfg["input"]["allowed_roots"] = list(o["allowed_roots"])
+        return cfg
+
+    # -- the two ways to run the same stages -----------------------------------------------------
+    def _local(self, p: Plan, path: str, records: list) -> list[dict]:
+        table = rows_to_table([normalize_row(r, path, i, p.read) for i, r in enumerate(records)])
+        table = DecodeStage(p.decode)(build_requests(table, p.requests))
+        engine = self.serving.engine if isinstance(self.serving, LocalModelVLMServing_vllm) \
+            else _ServingEngine(self.serving)
+        stage = GenerateStage(p.generate, engine=engine)
+        step = max(1, p.config.engine.batch_size)
+        out = []
+        for start in range(0, table.num_rows, step):
+            out += stage(table.slice(start, step)).to_pylist()
+        return out
+
+    def _ray(self, p: Plan) -> list[dict]:
+        return list(build_dataset(p.config, _plan=p).iter_rows())
+
+    def run(self, storage, multi_modal_key: str = "image", output_key: str = "pers_qa",
+            input_modal_key: Optional[str] = None) -> str:
+        image_column = input_modal_key or multi_modal_key
+        records = _records(storage)
+        path = getattr(storage, "read_path", None) or NO_PATH
+        fmt = "parquet" if str(path).endswith(".parquet") else "jsonl"
+        p = plan(self._config(path, image_column), shards=[(path, fmt)])
+        use_ray = self.execution == "ray" or (
+            self.execution == "auto" and len(records) > self.ray_threshold_rows and path != NO_PATH
+            and isinstance(self.serving, LocalModelVLMServing_vllm))
+        results = self._ray(p) if use_ray else self._local(p, path, records)
+
+        index = {normalize_row({}, path, i, p.read)["row_id"]: i for i in range(len(records))}
+        if any(output_key in r for r in records):
+            log.warning("input rows already have a %r column; it is replaced by the generated text", output_key)
+        k = p.config.prompt.questions_per_image
+        out_rows = []
+        for res in sorted(results, key=lambda r: (index[r["row_id"]], r["qa_index"])):
+            row = dict(records[index[res["row_id"]]])
+            row[output_key] = res["pers_qa"]
+            if k > 1:
+                row["qa_index"] = res["qa_index"]
+            row["status"], row["error"] = res["status"], res["error"]
+            out_rows.append(row)
+        return storage.write(out_rows)
+
+
+class PersQAGenerator(PersQAGenerate):
+    """The Chinese documentation's name for the same operator."""

@@ -1,0 +1,72 @@
+"""DataFlow-MM's documented examples (English and Chinese spelling) with only the import lines
+(and the model path / input file) changed, run as plain scripts in a subprocess."""
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from PIL import Image
+from skimage import data
+
+pytestmark = pytest.mark.slow
+
+EN = '''
+from persqa_ray.compat import FileStorage, LocalModelVLMServing_vllm, PersQAGenerate
+
+serving = LocalModelVLMServing_vllm(
+    hf_model_name_or_path="{model}",
+    vllm_tensor_parallel_size=1, vllm_temperature=0.7, vllm_top_p=0.9, vllm_max_tokens=512)
+storage = FileStorage(
+    first_entry_file_name="data/example.jsonl", cache_path="./cache_local",
+    file_name_prefix="pers_qa", cache_type="jsonl", media_key="image", media_type="image")
+storage.step()
+generator = PersQAGenerate(serving)
+generator.run(storage=storage, multi_modal_key="image", output_key="pers_qa")
+'''
+ZH = '''
+from persqa_ray.compat import FileStorage, LocalModelVLMServing_vllm, PersQAGenerator
+
+serving = LocalModelVLMServing_vllm(
+    hf_model_name_or_path="{model}",
+    vllm_tensor_parallel_size=1, vllm_temperature=0.7, vllm_top_p=0.9, vllm_max_tokens=512)
+storage = FileStorage(
+    first_entry_file_name="data/example.jsonl", cache_path="./cache_local",
+    file_name_prefix="pers_qa", cache_type="jsonl")
+storage.step()
+generator = PersQAGenerator(serving)
+generator.run(storage=storage, input_modal_key="image", output_key="pers_qa")
+'''
+FORM = re.compile(r"^Question: .*<mam>.* Answer: <mam>", re.S)
+
+
+def make_workdir(root):
+    (root / "data").mkdir()
+    (root / "test").mkdir()
+    Image.fromarray(data.astronaut()).save(root / "test" / "example1.jpg")
+    Image.fromarray(data.chelsea()).save(root / "test" / "example2.jpg")
+    Image.fromarray(data.coffee()).save(root / "test" / "example3.jpg")
+    rows = [{"image": ["./test/example1.jpg"], "id": "a"},
+            {"image": ["./test/example1.jpg", "./test/example2.jpg"], "id": "b", "note": "two images"},
+            {"image": "./test/example3.jpg", "id": "c"},
+            {"image": ["./test/missing.jpg"], "id": "d"}]
+    (root / "data" / "example.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+@pytest.mark.parametrize("script", [EN, ZH], ids=["english-docs", "chinese-docs"])
+def test_documented_example_runs_unchanged(tmp_path, tiny_model, script):
+    rows_in = make_workdir(tmp_path)
+    (tmp_path / "example.py").write_text(textwrap.dedent(script.format(model=tiny_model)))
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=480)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = [json.loads(line) for line in (tmp_path / "cache_local" / "pers_qa_step1.jsonl").read_text().splitlines()]
+    assert len(out) == len(rows_in)
+    for src, row in zip(rows_in, out):
+        assert {k: row[k] for k in src} == src  # every input column kept, values as given
+    assert "note" not in out[0]  # no invented columns for keys a row never had
+    ok = out[:3]
+    assert all(r["status"] == "ok" and FORM.match(r["pers_qa"]) for r in ok)
+    assert out[3]["pers_qa"] is None and out[3]["status"] == "missing_image" and "missing.jpg" in out[3]["error"]
