@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.quiet:
             os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+            os.environ["PERSQA_QUIET"] = "1"
         from persqa_ray.pipeline import run
         from persqa_ray.io.writers import human_summary
         summary = run(cfg)

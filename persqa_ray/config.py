@@ -48,6 +48,9 @@ class InputConfig(_Section):
         default_factory=dict, description="fsspec options for remote paths (e.g. for s3: "
         "{'client_kwargs': {'endpoint_url': ...}, 'anon': false}). Credentials come from the usual "
         "AWS environment/profile; values here are never logged.")
+    block_rows: int = Field(
+        512, gt=0, description="Rows per block the reader emits. Each block is written and committed as a "
+        "unit, so this is also the most work a crash can cost per block in flight.")
     max_image_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="Images larger than this many bytes are refused (image_too_large).")
 

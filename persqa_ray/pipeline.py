@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import numpy as np
 import ray
 
 from persqa_ray import schema
@@ -18,7 +19,7 @@ from persqa_ray.config import ConfigError, PersQAConfig, load_config
 from persqa_ray.engines.base import EngineSpec
 from persqa_ray.io.filesystems import filesystem, is_url, list_shards, parent_of
 from persqa_ray.io.readers import ReadOptions, read_shards_batch
-from persqa_ray.io.writers import output_filesystem, prepare_output, summarize, write_summary
+from persqa_ray.io.writers import WriteOptions, prepare_output, summarize, write_committed, write_summary
 from persqa_ray.personalization.templates import TemplateError
 from persqa_ray.stages.decode import DecodeOptions, DecodeStage
 from persqa_ray.stages.generate import GenerateOptions, GenerateStage
@@ -96,7 +97,7 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
         config=cfg, shards=shards,
         read=ReadOptions(image_column=cfg.input.image_column, id_column=cfg.input.id_column,
                          paths_relative_to=cfg.input.paths_relative_to, cwd=cwd,
-                         storage_options=dict(cfg.input.storage_options)),
+                         storage_options=dict(cfg.input.storage_options), block_rows=cfg.input.block_rows),
         requests=req,
         decode=DecodeOptions(max_pixels=cfg.image.max_pixels, min_pixels=cfg.image.min_pixels,
                              factor=cfg.image.resize_factor, max_aspect_ratio=cfg.image.max_aspect_ratio,
@@ -116,24 +117,29 @@ def init_ray(cfg: PersQAConfig) -> None:
     check_ray()
     if ray.is_initialized():
         return
+    log_to_driver = os.environ.get("PERSQA_QUIET") != "1"  # --quiet: no worker/engine log lines
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray.address or None, log_to_driver=True)
+        ray.init(address=cfg.ray.address or None, log_to_driver=log_to_driver)
         return
     # Small machines: more logical CPUs than cores, so actors holding "all" CPUs cannot starve
     # the read tasks (a measured deadlock on 2 cores; shared/ENVIRONMENT.md).
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
     ray.init(num_cpus=num_cpus, object_store_memory=cfg.ray.object_store_memory,
-             include_dashboard=False, log_to_driver=True)
+             include_dashboard=False, log_to_driver=log_to_driver)
 
 
-def _compose(p: Plan, stats) -> ray.data.Dataset:
+def _compose(p: Plan, stats, done=None) -> ray.data.Dataset:
     cfg = p.config
     shard_items = [{"shard": s, "format": f} for s, f in p.shards]
     ds = ray.data.from_items(shard_items, override_num_blocks=max(1, len(shard_items)))
     ds = ds.map_batches(read_shards_batch, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"opts": p.read, "stats": stats})
+                        fn_kwargs={"opts": p.read, "stats": stats, "done": done})
     ds = ds.map_batches(build_requests, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"opts": p.requests})
+    # Ray buffers a task's outputs into blocks of up to 128 MiB, so a shard would travel (and be
+    # committed) as one block: split into blocks of input.block_rows (streaming, no shuffle). The
+    # engine stage then emits one block per input block, and the writer commits each one.
+    ds = ds.repartition(target_num_rows_per_block=cfg.input.block_rows)
     ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"opts": p.decode},
                         batch_size=cfg.image.batch_size, batch_format="pyarrow",
                         compute=_pool(cfg.image.concurrency), num_cpus=cfg.image.num_cpus)
@@ -158,20 +164,30 @@ def build_dataset(config: Union[PersQAConfig, dict, str], _plan: Optional[Plan] 
 
 
 def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> dict[str, Any]:
-    """Run the job to completion: write the partitioned Parquet output and _summary.json."""
+    """Run the job to completion: write the partitioned Parquet output and _summary.json.
+
+    Over an output that already holds part of this run, only rows not yet committed are
+    processed (resume); `output.overwrite` starts over.
+    """
     cfg = load_config(config, overrides)
     p = plan(cfg)
     cfg = p.config
-    prepare_output(cfg.output)
+    resume = prepare_output(cfg)
     init_ray(cfg)
     started = time.time()
     stats = RunStats.remote()
-    ds = _compose(p, stats)
-    fs, root = output_filesystem(cfg.output)
-    ds.write_parquet(root, filesystem=fs, partition_cols=list(cfg.output.partition_by) or None)
+    # Row ids done earlier, as one sorted fixed-width array (compact, binary-searchable in tasks).
+    done = np.array(sorted(set(resume.done_row_ids)), dtype=object).astype(str) if resume.done_row_ids else None
+    ds = _compose(p, stats, done)
+    wopts = WriteOptions(path=cfg.output.path, storage_options=dict(cfg.output.storage_options),
+                         partition_by=tuple(cfg.output.partition_by))
+    written = ds.map_batches(write_committed, batch_size=None, batch_format="pyarrow", fn_kwargs={"opts": wopts})
+    for _ in written.iter_batches(batch_size=None):  # drives the pipeline; each batch is one count
+        pass
     seconds = time.time() - started
     snapshot = ray.get(stats.snapshot.remote())
     ray.kill(stats)
-    summary = summarize(cfg.output, snapshot, seconds, model=cfg.engine.model)
+    summary = summarize(cfg.output, snapshot, seconds, model=cfg.engine.model,
+                        orphans_removed=resume.orphans_removed)
     write_summary(cfg.output, summary)
     return summary

@@ -13,6 +13,7 @@ PATH_NOT_ALLOWED = "path_not_allowed"  # outside input.allowed_roots or a scheme
 MISSING_IMAGE = "missing_image"      # the file / object does not exist
 BAD_IMAGE = "bad_image"              # exists but cannot be decoded as an image
 IMAGE_TOO_LARGE = "image_too_large"  # byte size or declared pixel count over the limit
+DUPLICATE_ROW_ID = "duplicate_row_id"  # input.id_column value already used by another row
 # Failures of one QA row.
 ENGINE_ERROR = "engine_error"
 INVALID_OUTPUT = "invalid_output"

@@ -16,6 +16,7 @@ class RunStats:
         self.shard_rows: dict[str, int] = {}
         self.shard_errors: dict[str, str] = {}
         self.counters: Counter = Counter()
+        self.claimed: set[str] = set()
 
     def shard_read(self, shard: str, rows: int) -> None:
         self.shard_rows[shard] = rows
@@ -23,6 +24,15 @@ class RunStats:
     def shard_failed(self, shard: str, error: str, rows_before: int) -> None:
         self.shard_rows[shard] = rows_before
         self.shard_errors[shard] = error
+
+    def claim(self, ids: list[str]) -> list[bool]:
+        """First claim of an input.id_column value wins; later rows with it are duplicates. Within a
+        shard the order is the file's; across shards, whichever shard gets there first."""
+        owned = []
+        for i in ids:
+            owned.append(i not in self.claimed)
+            self.claimed.add(i)
+        return owned
 
     def add(self, key: str, n: int = 1) -> None:
         self.counters[key] += n

@@ -19,7 +19,9 @@ def scheme_of(path: str) -> str:
 
 
 def filesystem(path: str, storage_options: dict[str, Any] | None = None):
-    """(fs, path within it) for a local path or URL."""
+    """(fs, path within it) for a local path or URL; storage options apply to URLs only."""
+    if not is_url(path):
+        return fsspec.filesystem("file"), path
     fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
     return fs, p
 

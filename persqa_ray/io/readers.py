@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -32,6 +33,7 @@ class ReadOptions:
     paths_relative_to: str  # "input_dir" | "cwd"
     cwd: str                # the driver's cwd, captured when the pipeline is built
     storage_options: dict[str, Any]
+    block_rows: int = READ_BATCH_ROWS
 
 
 def normalize_row(record: Any, shard: str, position: int, opts: ReadOptions) -> dict[str, Any]:
@@ -45,6 +47,7 @@ def normalize_row(record: Any, shard: str, position: int, opts: ReadOptions) -> 
     if opts.id_column:
         rid = given_row_id(record.get(opts.id_column))
         if rid is not None:
+            row["_pq_positional_id"], row["_pq_given_id"] = row["row_id"], rid
             row["row_id"] = rid
     for key, value in record.items():
         if key != opts.image_column:
@@ -111,7 +114,39 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
     return table
 
 
-def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None) -> Iterator[pa.Table]:
+def is_done(row_ids: list[str], done: Optional[np.ndarray]) -> list[bool]:
+    """Membership in the sorted array of row ids a previous run already committed."""
+    if done is None or len(done) == 0:
+        return [False] * len(row_ids)
+    q = np.array(row_ids, dtype=str)  # numpy compares across string widths: no truncation
+    pos = np.searchsorted(done, q).clip(0, len(done) - 1)
+    return list(done[pos] == q)
+
+
+def _finish(rows: list[dict], opts: ReadOptions, stats, done) -> Optional[pa.Table]:
+    """Drop rows a previous run committed (resume); flag repeated id_column values."""
+    if not rows:
+        return None
+    skip = is_done([r["row_id"] for r in rows], done)
+    kept = [r for r, s in zip(rows, skip) if not s]
+    if stats is not None and sum(skip):
+        stats.add.remote("rows_resumed", int(sum(skip)))
+    if opts.id_column and stats is not None and kept:
+        import ray
+        given = [r for r in kept if r.get("_pq_given_id")]
+        owned = ray.get(stats.claim.remote([r["_pq_given_id"] for r in given]))
+        for r, mine in zip(given, owned):
+            if not mine:
+                r.update(row_id=r["_pq_positional_id"], status=schema.DUPLICATE_ROW_ID,
+                         error=f"input.id_column value {r['_pq_given_id']!r} is already used by another row")
+    for r in kept:
+        r.pop("_pq_given_id", None)
+        r.pop("_pq_positional_id", None)
+    return rows_to_table(kept) if kept else None
+
+
+def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None,
+               done: Optional[np.ndarray] = None) -> Iterator[pa.Table]:
     """Yield batches of normalized rows for one shard; report its row count (or failure) to stats."""
     fs, p = filesystem(shard, opts.storage_options)
     records = _jsonl_records if fmt == "jsonl" else _parquet_records
@@ -124,24 +159,28 @@ def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None) -> Iterator[
             for row in records(f, shard, opts):
                 rows.append(row)
                 count += 1
-                if len(rows) >= READ_BATCH_ROWS:
-                    yield rows_to_table(rows)
+                if len(rows) >= opts.block_rows:
+                    table = _finish(rows, opts, stats, done)
                     rows = []
+                    if table is not None:
+                        yield table
     except Exception as e:  # noqa: BLE001 - a shard that cannot be parsed is reported, not fatal
         if stats is not None:
             import ray
             ray.get(stats.shard_failed.remote(shard, f"{type(e).__name__}: {e}", count))
-        if rows:
-            yield rows_to_table(rows)
+        table = _finish(rows, opts, stats, done)
+        if table is not None:
+            yield table
         return
-    if rows:
-        yield rows_to_table(rows)
+    table = _finish(rows, opts, stats, done)
+    if table is not None:
+        yield table
     if stats is not None:
         import ray
         ray.get(stats.shard_read.remote(shard, count))
 
 
-def read_shards_batch(batch: dict, opts: ReadOptions, stats=None) -> Iterator[pa.Table]:
+def read_shards_batch(batch: dict, opts: ReadOptions, stats=None, done=None) -> Iterator[pa.Table]:
     """map_batches UDF over the shard list: each batch holds one or more (shard, format) items."""
     for shard, fmt in zip(batch["shard"], batch["format"]):
-        yield from read_shard(str(shard), str(fmt), opts, stats)
+        yield from read_shard(str(shard), str(fmt), opts, stats, done)

@@ -1,53 +1,187 @@
-"""Output side: where the dataset goes, reading it back, and the run summary (_summary.json)."""
+"""Output side: committed Parquet files, resume bookkeeping, reading back, the run summary.
+
+Commit protocol (why: a crash must never leave a partial file that looks complete, and a rerun
+must know exactly which rows are done). Each output batch is written as one file per partition:
+first under a hidden temporary name (readers skip names starting with '.'), then renamed to its
+final name; on S3 a PUT is atomic, so the final name is written directly. Only after all of a
+batch's files are in place is `_commits/<batch uuid>.json` written. A file without a commit record
+is an orphan from a crash: the next run deletes it before starting, and `read_output` never
+reads it. Rows whose row_id appears in committed files are done; a rerun skips them.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import urllib.parse
+import uuid
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from persqa_ray import schema
 from persqa_ray.config import ConfigError, OutputConfig
 from persqa_ray.io.filesystems import filesystem, is_url
 
 SUMMARY_FILE = "_summary.json"
+COMMITS_DIR = "_commits"
+RUN_FILE = "_run.json"
+# Settings that decide what a row's output is: a resume with other values would mix two datasets.
+RUN_IDENTITY_FIELDS = ("prompt", "engine.model", "engine.max_tokens", "engine.temperature", "engine.top_p",
+                       "engine.guided_prefix", "output.pers_qa_format", "output.partition_by",
+                       "input.image_column", "input.id_column")
 
 
-def output_filesystem(out: OutputConfig) -> tuple[Optional[pafs.FileSystem], str]:
-    """(pyarrow filesystem or None for local, root path) for Ray's and pyarrow's writers/readers."""
-    if not is_url(out.path):
-        return None, os.path.abspath(os.path.expanduser(out.path))
-    fs, root = filesystem(out.path, out.storage_options)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root
+def _root(out_path: str, storage_options: Optional[dict]):
+    return filesystem(out_path if is_url(out_path) else os.path.abspath(os.path.expanduser(out_path)),
+                      storage_options)
+
+
+def _all_files(fs, root: str) -> list[str]:
+    return fs.find(root) if fs.exists(root) else []
+
+
+def _committed(fs, root: str) -> Optional[set[str]]:
+    """Names of committed files (relative to root); None for an output without commit records
+    (written by another tool), where every Parquet file counts."""
+    cdir = f"{root.rstrip('/')}/{COMMITS_DIR}"
+    if not fs.exists(cdir):
+        return None
+    names: set[str] = set()
+    for rec in fs.find(cdir):
+        if rec.endswith(".json"):
+            with fs.open(rec, "r") as f:
+                names.update(json.load(f)["files"])
+    return names
 
 
 def _data_files(fs, root: str) -> list[str]:
-    if not fs.exists(root):
-        return []
-    return [f for f in fs.find(root) if f.endswith(".parquet")]
+    root = root.rstrip("/")
+    files = [f for f in _all_files(fs, root) if f.endswith(".parquet")
+             and not os.path.basename(f).startswith((".", "_"))]
+    committed = _committed(fs, root)
+    if committed is None:
+        return files
+    return [f for f in files if f[len(root) + 1:] in committed]
 
 
-def prepare_output(out: OutputConfig) -> None:
-    """Refuse to mix a new run into an existing dataset unless told to overwrite it."""
-    fs, root = filesystem(out.path if is_url(out.path) else os.path.abspath(out.path), out.storage_options)
-    existing = _data_files(fs, root)
-    if existing and not out.overwrite:
-        raise ConfigError(f"output.path: {out.path} already holds a dataset ({len(existing)} Parquet "
-                          "files); choose another path or set output.overwrite=true")
-    if existing or (out.overwrite and fs.exists(root)):
+def run_identity(cfg) -> dict:
+    dumped = cfg.model_dump(mode="json")
+    ident = {}
+    for field in RUN_IDENTITY_FIELDS:
+        node = dumped
+        for k in field.split("."):
+            node = node[k]
+        ident[field] = node
+    return ident
+
+
+@dataclass
+class Resume:
+    done_row_ids: list[str]
+    orphans_removed: int
+
+
+def prepare_output(cfg) -> Resume:
+    """Start over (overwrite), or resume: check the earlier run asked the same questions the same way,
+    delete orphan files of a crashed batch, and return the row ids already done."""
+    out = cfg.output
+    fs, root = _root(out.path, out.storage_options)
+    root = root.rstrip("/")
+    if out.overwrite and fs.exists(root):
         fs.rm(root, recursive=True)
     if not is_url(out.path):
         os.makedirs(root, exist_ok=True)
+    ident = run_identity(cfg)
+    run_file = f"{root}/{RUN_FILE}"
+    files = _all_files(fs, root)
+    if fs.exists(run_file):
+        with fs.open(run_file, "r") as f:
+            before = json.load(f)
+        changed = [k for k in RUN_IDENTITY_FIELDS if before.get(k) != ident[k]]
+        if changed:
+            raise ConfigError(f"output.path: {out.path} holds a run made with other settings ({', '.join(changed)}); "
+                              "resuming would mix two datasets: use another path or --overwrite")
+    elif any(f.endswith(".parquet") for f in files):
+        raise ConfigError(f"output.path: {out.path} holds Parquet files persqa-ray did not write; "
+                          "use another path or --overwrite")
+    else:
+        with fs.open(run_file, "w") as f:
+            json.dump(ident, f, indent=2)
+    committed = _committed(fs, root) or set()
+    orphans = [f for f in files if (f.endswith(".parquet") and f[len(root) + 1:] not in committed)
+               or f.endswith(".parquet.tmp")]
+    for f in orphans:
+        fs.rm(f)
+    done: list[str] = []
+    data = [f for f in _data_files(fs, root)]
+    if data:
+        done = read_output(out.path, ["row_id"], out.storage_options).column("row_id").to_pylist()
+    return Resume(done_row_ids=done, orphans_removed=len(orphans))
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    path: str                      # output.path as configured (local path or URL)
+    storage_options: dict
+    partition_by: tuple[str, ...]
+
+
+def _partition_dir(names: tuple[str, ...], values: tuple) -> str:
+    parts = []
+    for n, v in zip(names, values):
+        v = "__HIVE_DEFAULT_PARTITION__" if v is None else urllib.parse.quote(str(v), safe="")
+        parts.append(f"{n}={v}")
+    return "/".join(parts)
+
+
+def write_committed(batch: pa.Table, opts: WriteOptions) -> pa.Table:
+    """map_batches UDF: write one batch as committed files; returns a one-row count table."""
+    if batch.num_rows == 0:
+        return pa.table({"rows": pa.array([], pa.int64())})
+    fs, root = _root(opts.path, opts.storage_options)
+    root = root.rstrip("/")
+    url = is_url(opts.path)
+    uid = uuid.uuid4().hex
+    names = tuple(opts.partition_by)
+    if names:
+        keys = batch.select(list(names)).to_pylist()
+        groups: dict[tuple, list[int]] = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(tuple(k[n] for n in names), []).append(i)
+    else:
+        groups = {(): list(range(batch.num_rows))}
+    written = []
+    for j, (values, idx) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+        sub = batch.take(pa.array(idx, pa.int64())).drop_columns(list(names))
+        rel = "/".join(x for x in (_partition_dir(names, values), f"part-{uid}-{j}.parquet") if x)
+        final = f"{root}/{rel}"
+        fs.makedirs(os.path.dirname(final), exist_ok=True)
+        if url:  # an object store PUT is atomic: never visible half-written
+            with fs.open(final, "wb") as f:
+                pq.write_table(sub, f)
+        else:
+            tmp = f"{os.path.dirname(final)}/.part-{uid}-{j}.parquet.tmp"
+            with fs.open(tmp, "wb") as f:
+                pq.write_table(sub, f)
+            fs.mv(tmp, final)
+        written.append(rel)
+    fs.makedirs(f"{root}/{COMMITS_DIR}", exist_ok=True)
+    digest = hashlib.blake2b("\n".join(written).encode(), digest_size=8).hexdigest()
+    with fs.open(f"{root}/{COMMITS_DIR}/{uid}.json", "w") as f:
+        json.dump({"files": written, "rows": batch.num_rows, "digest": digest}, f)
+    return pa.table({"rows": [batch.num_rows]})
 
 
 def read_output(path: str, columns: Optional[list[str]] = None,
                 storage_options: Optional[dict] = None) -> pa.Table:
     """The output dataset as one table (hive partition columns restored, schemas unified)."""
-    fs, root = filesystem(path if is_url(path) else os.path.abspath(path), storage_options)
+    fs, root = _root(path, storage_options)
     files = _data_files(fs, root)
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in (columns or ["row_id"])})
@@ -62,7 +196,8 @@ def read_output(path: str, columns: Optional[list[str]] = None,
     return d.to_table(columns=cols)
 
 
-def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: str) -> dict[str, Any]:
+def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: str,
+              orphans_removed: int = 0) -> dict[str, Any]:
     """Counts from what is actually on disk, checked against what the readers saw."""
     t = read_output(out.path, ["row_id", "qa_index", "status", "question", "num_input_tokens",
                                "num_output_tokens"], out.storage_options)
@@ -83,6 +218,7 @@ def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: s
     rows_in = int(stats.get("rows_in", 0))
     return {
         "rows_in": rows_in,
+        "rows_resumed": int(stats.get("rows_resumed", 0)),
         "rows_ok": rows_ok,
         "rows_error": rows_out - rows_ok,
         "consistent": rows_in == rows_out,
@@ -93,6 +229,7 @@ def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: s
         "shards": stats.get("shards", 0),
         "shard_errors": stats.get("shard_errors", {}),
         "engine_restarts": stats.get("engine_restarts", 0),
+        "orphan_files_removed": orphans_removed,
         "model": model,
         "seconds": round(seconds, 2),
         "rows_per_second": round(rows_in / seconds, 3) if seconds > 0 else None,
@@ -104,7 +241,7 @@ def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: s
 
 
 def write_summary(out: OutputConfig, summary: dict[str, Any]) -> str:
-    fs, root = filesystem(out.path if is_url(out.path) else os.path.abspath(out.path), out.storage_options)
+    fs, root = _root(out.path, out.storage_options)
     path = f"{root.rstrip('/')}/{SUMMARY_FILE}"
     with fs.open(path, "w") as f:
         f.write(json.dumps(summary, indent=2, ensure_ascii=False))
@@ -117,6 +254,8 @@ def human_summary(s: dict[str, Any]) -> str:
         f"(rows_in == rows_ok + rows_error: {s['rows_in'] == s['rows_ok'] + s['rows_error']})",
         f"QA rows {s['qa_rows']} ({s['qa_rows_ok']} ok)  duplicates {s['duplicates']}",
     ]
+    if s.get("rows_resumed"):
+        lines.append(f"resumed: {s['rows_resumed']} rows were done by an earlier run and skipped")
     if s["errors_by_status"]:
         lines.append("errors: " + ", ".join(f"{k}={v}" for k, v in s["errors_by_status"].items()))
     if s["shard_errors"]:

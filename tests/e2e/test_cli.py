@@ -79,8 +79,12 @@ def test_rerun_same_seed_same_questions_and_no_engine_left(first_run, demo_data,
     assert engine_processes() == []  # the CLI's Ray took its vLLM engine processes down with it
 
 
-def test_existing_output_not_clobbered(first_run):
-    work, _, _ = first_run
-    proc = run_cli(["run", str(work / "run.yaml")], cwd=work, timeout=120)
-    assert proc.returncode == 2
-    assert "output.path" in proc.stderr and "already holds a dataset" in proc.stderr
+def test_rerun_over_finished_output_changes_nothing(first_run):
+    work, manifest, _ = first_run
+    out = work / "out"
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))
+    proc = run_cli(["run", str(work / "run.yaml")], cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary_of(out)
+    assert s["rows_resumed"] == s["rows_in"] == manifest["rows"] and s["duplicates"] == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet")) == before  # not clobbered
