@@ -1,7 +1,7 @@
 """Generate the catalog of bad (and awkward-but-valid) inputs: tests/data/bad/ by default.
 
 Everything is made here from real photos in scikit-image, PIL and a few raw bytes; nothing binary
-is committed. OUT/expected.json maps each case to the status the pipeline must give it; the
+is committed. OUT/_expected.json (underscore: not read as a shard) maps each case to the status the pipeline must give it; the
 README's failure table is this list.
 
     python scripts/make_bad_inputs.py [OUT]
@@ -135,7 +135,7 @@ def make(out: Path) -> dict:
     expected = {"cases": [{"case": c, "description": d, "status": s} for c, d, s in CASES],
                 "rows_in": len(rows) + 2 + 2,  # JSONL cases + the two unparseable lines + Parquet rows
                 "corrupt_shard": CORRUPT_SHARD}
-    (out / "expected.json").write_text(json.dumps(expected, indent=2))
+    (out / "_expected.json").write_text(json.dumps(expected, indent=2))
     return expected
 
 

@@ -95,16 +95,21 @@ def _parquet_records(f, shard: str, opts: ReadOptions) -> Iterator[dict]:
             position += 1
 
 
-def rows_to_table(rows: list[dict]) -> pa.Table:
+def _column(values: list) -> pa.Array:
     try:
-        table = pa.Table.from_pylist(rows)
+        return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
         # An input column with mixed types across rows (an int here, a string there): keep its
         # values as JSON text rather than losing the batch.
-        ours = {"row_id", "image", "status", "error", schema.SOURCE}
-        rows = [{k: (v if k in ours or v is None else json.dumps(v, ensure_ascii=False, default=str))
-                 for k, v in r.items()} for r in rows]
-        table = pa.Table.from_pylist(rows)
+        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in values],
+                        pa.string())
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    # Every key of every row becomes a column (pa.Table.from_pylist would keep only the first
+    # row's keys and silently drop columns that appear later).
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    table = pa.table({n: _column([r.get(n) for r in rows]) for n in names})
     # Pin the types of our own columns (a batch of only error rows would infer null types).
     fixed = {"row_id": pa.string(), "image": pa.list_(pa.string()), "status": pa.string(),
              "error": pa.string(), schema.SOURCE: pa.string()}

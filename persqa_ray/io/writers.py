@@ -4,7 +4,7 @@ Commit protocol (why: a crash must never leave a partial file that looks complet
 must know exactly which rows are done). Each output batch is written as one file per partition:
 first under a hidden temporary name (readers skip names starting with '.'), then renamed to its
 final name; on S3 a PUT is atomic, so the final name is written directly. Only after all of a
-batch's files are in place is `_commits/<batch uuid>.json` written. A file without a commit record
+batch's files are in place is `_commits/<batch id>.json` written. A file without a commit record
 is an orphan from a crash: the next run deletes it before starting, and `read_output` never
 reads it. Rows whose row_id appears in committed files are done; a rerun skips them.
 """
@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import urllib.parse
-import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -147,7 +146,13 @@ def write_committed(batch: pa.Table, opts: WriteOptions) -> pa.Table:
     fs, root = _root(opts.path, opts.storage_options)
     root = root.rstrip("/")
     url = is_url(opts.path)
-    uid = uuid.uuid4().hex
+    # The batch id is a digest of the rows' keys: a write task that Ray retries after it had already
+    # committed (its worker died before reporting back) finds its own commit and writes nothing.
+    keys = sorted(zip(batch.column("row_id").to_pylist(), batch.column("qa_index").to_pylist()))
+    uid = hashlib.blake2b(repr(keys).encode(), digest_size=16).hexdigest()
+    commit = f"{root}/{COMMITS_DIR}/{uid}.json"
+    if fs.exists(commit):
+        return pa.table({"rows": [0]})
     names = tuple(opts.partition_by)
     if names:
         keys = batch.select(list(names)).to_pylist()
@@ -172,9 +177,8 @@ def write_committed(batch: pa.Table, opts: WriteOptions) -> pa.Table:
             fs.mv(tmp, final)
         written.append(rel)
     fs.makedirs(f"{root}/{COMMITS_DIR}", exist_ok=True)
-    digest = hashlib.blake2b("\n".join(written).encode(), digest_size=8).hexdigest()
-    with fs.open(f"{root}/{COMMITS_DIR}/{uid}.json", "w") as f:
-        json.dump({"files": written, "rows": batch.num_rows, "digest": digest}, f)
+    with fs.open(commit, "w") as f:
+        json.dump({"files": written, "rows": batch.num_rows}, f)
     return pa.table({"rows": [batch.num_rows]})
 
 

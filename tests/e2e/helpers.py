@@ -49,3 +49,19 @@ def engine_processes() -> list[str]:
         if any(m in cmd or m in comm for m in ENGINE_PROCESS_MARKERS):
             found.append(f"{pid} {comm} {cmd[:120]}")
     return found
+
+
+def pids_of(marker: str) -> list[int]:
+    """Live (not zombie) processes whose title or command line contains `marker`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmd and state != "Z":
+            found.append(int(pid))
+    return found

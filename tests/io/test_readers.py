@@ -93,3 +93,13 @@ def test_list_shards_dir_glob_list(tmp_path):
     assert len(list_shards([str(tmp_path / "d" / "a.jsonl"), str(tmp_path / "d" / "b.parquet")])) == 2
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_shards(str(tmp_path / "nope"))
+
+
+def test_columns_that_appear_in_later_rows_are_kept(tmp_path):
+    shard = tmp_path / "a.jsonl"
+    shard.write_text(json.dumps({"image": "a.jpg"}) + "\n" + json.dumps({"image": "b.jpg", "caption": "late"}) + "\n"
+                     + json.dumps({"image": "c.jpg", "n": 1}) + "\n" + json.dumps({"image": "d.jpg", "n": "two"}) + "\n")
+    table = next(read_shard(str(shard), "jsonl", opts()))
+    rows = table.to_pylist()
+    assert [r["caption"] for r in rows] == [None, "late", None, None]
+    assert [r["n"] for r in rows] == [None, None, "1", '"two"']  # mixed types: kept as JSON text
