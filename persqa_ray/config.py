@@ -96,7 +96,9 @@ class PromptConfig(_Section):
 
 
 class EngineConfig(_Section):
-    kind: Literal["vllm"] = Field("vllm", description="Inference engine: 'vllm' (in-process vLLM in each actor).")
+    kind: Literal["vllm", "openai"] = Field(
+        "vllm", description="Inference engine: 'vllm' (in-process vLLM in each actor) or 'openai' (an "
+        "OpenAI-compatible server: vllm serve, SGLang, a hosted API; runs in CPU actors).")
     model: str = Field(
         "Qwen/Qwen2.5-VL-3B-Instruct", description="Model directory or hub id (the hub needs network).")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans.")
@@ -105,6 +107,11 @@ class EngineConfig(_Section):
     concurrency: Union[int, tuple[int, int]] = Field(
         1, description="Engine actor pool size: N, or [min, max]. One engine per actor.")
     batch_size: int = Field(16, gt=0, description="Rows per generate batch handed to one engine call.")
+    async_engine: bool = Field(
+        True, description="Use vLLM's async engine with several batches in flight per actor (image "
+        "preprocessing of one batch overlaps generation of another); false: the offline LLM API.")
+    max_batches_in_flight: int = Field(
+        4, ge=1, description="Batches one engine actor works on at once (async engine only).")
     max_tokens: int = Field(128, gt=0, description="Upper bound on generated tokens per answer.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
@@ -120,6 +127,20 @@ class EngineConfig(_Section):
     max_retries: int = Field(2, ge=0, description="Re-asks (new seed) for an answer that fails validation.")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for the vLLM engine (EngineArgs).")
+    base_url: Optional[str] = Field(
+        None, description="openai: the server's base URL, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: Optional[str] = Field(
+        None, description="openai: name of the environment variable holding the API key (the key itself "
+        "never goes in the config, logs or outputs).")
+    request_timeout_s: float = Field(120.0, gt=0, description="openai: timeout of one request.")
+    max_concurrency: int = Field(8, ge=1, description="openai: requests one actor has open at once.")
+    max_attempts: int = Field(
+        4, ge=1, description="openai: tries per request on 429/5xx/timeouts/connection errors, with "
+        "exponential backoff and jitter.")
+    backoff_s: float = Field(0.5, ge=0, description="openai: first backoff delay (doubles each try).")
+    openai_structured: Literal["vllm", "none"] = Field(
+        "vllm", description="openai: 'vllm' sends the tag-prefix regex as vLLM's structured_outputs "
+        "extension; 'none' for servers without it (answers are validated and re-asked either way).")
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables set in each engine actor before vLLM "
         "starts (CPU: VLLM_CPU_KVCACHE_SPACE, VLLM_CPU_OMP_THREADS_BIND).")
@@ -178,6 +199,8 @@ class PersQAConfig(_Section):
     def _cross_checks(self) -> "PersQAConfig":
         if self.image.min_pixels > self.image.max_pixels:
             raise ValueError("image.min_pixels must not exceed image.max_pixels")
+        if self.engine.kind == "openai" and not self.engine.base_url:
+            raise ValueError("engine.base_url is required when engine.kind is 'openai'")
         return self
 
 

@@ -22,7 +22,7 @@ from persqa_ray.io.readers import ReadOptions, read_shards_batch
 from persqa_ray.io.writers import WriteOptions, prepare_output, summarize, write_committed, write_summary
 from persqa_ray.personalization.templates import TemplateError
 from persqa_ray.stages.decode import DecodeOptions, DecodeStage
-from persqa_ray.stages.generate import GenerateOptions, GenerateStage
+from persqa_ray.stages.generate import AsyncGenerateStage, GenerateOptions, GenerateStage
 from persqa_ray.stages.requests import RequestOptions, build_requests
 from persqa_ray.stats import RunStats
 from persqa_ray.versions import check_ray
@@ -41,22 +41,30 @@ class Plan:
     generate: GenerateOptions
 
 
-def _pool(concurrency) -> ray.data.ActorPoolStrategy:
+def _pool(concurrency, in_flight: int | None = None) -> ray.data.ActorPoolStrategy:
+    # in_flight: blocks one (async) actor works on at once; Ray runs one call per actor otherwise.
+    extra = {} if not in_flight else {"max_tasks_in_flight_per_actor": in_flight,
+                                      "max_concurrent_calls_per_actor": in_flight}
     if isinstance(concurrency, (tuple, list)):
         lo, hi = concurrency
-        return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
-    return ray.data.ActorPoolStrategy(size=int(concurrency))
+        return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, **extra)
+    return ray.data.ActorPoolStrategy(size=int(concurrency), **extra)
 
 
 def engine_spec(cfg: PersQAConfig) -> EngineSpec:
     e = cfg.engine
+    if e.kind == "openai":
+        return EngineSpec(kind="openai", options=dict(
+            model=e.model, base_url=e.base_url, api_key_env=e.api_key_env, max_concurrency=e.max_concurrency,
+            request_timeout_s=e.request_timeout_s, max_attempts=e.max_attempts, backoff_s=e.backoff_s,
+            max_tokens=e.max_tokens, temperature=e.temperature, top_p=e.top_p, structured=e.openai_structured))
     return EngineSpec(kind=e.kind, options=dict(
         model=e.model, tensor_parallel_size=e.tensor_parallel_size, max_model_len=e.max_model_len,
         gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
         max_images_per_prompt=e.max_images_per_prompt, max_tokens=e.max_tokens,
         temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
         repetition_penalty=e.repetition_penalty, seed=cfg.prompt.seed, env=dict(e.env),
-        engine_kwargs=dict(e.engine_kwargs)))
+        engine_kwargs=dict(e.engine_kwargs), async_engine=e.async_engine))
 
 
 def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str, str]]] = None) -> Plan:
@@ -88,7 +96,9 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
     except TemplateError as e:
         raise ConfigError(f"prompt.templates: {e}") from None
     model_path = cfg.engine.model
-    if os.path.exists(os.path.expanduser(model_path)):
+    if cfg.engine.kind == "openai":
+        pass  # the server's model name, not a path
+    elif os.path.exists(os.path.expanduser(model_path)):
         model_path = os.path.abspath(os.path.expanduser(model_path))
     elif model_path.startswith((".", "/", "~")):
         raise ConfigError(f"engine.model: {model_path} does not exist")
@@ -143,10 +153,13 @@ def _compose(p: Plan, stats, done=None) -> ray.data.Dataset:
     ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"opts": p.decode},
                         batch_size=cfg.image.batch_size, batch_format="pyarrow",
                         compute=_pool(cfg.image.concurrency), num_cpus=cfg.image.num_cpus)
-    ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={"opts": p.generate, "stats": stats},
+    remote = cfg.engine.kind == "openai"  # a client in a CPU actor: no GPU, always async
+    asynchronous = remote or cfg.engine.async_engine
+    ds = ds.map_batches(AsyncGenerateStage if asynchronous else GenerateStage,
+                        fn_constructor_kwargs={"opts": p.generate, "stats": stats},
                         batch_size=cfg.engine.batch_size, batch_format="pyarrow",
-                        compute=_pool(cfg.engine.concurrency), num_cpus=cfg.engine.num_cpus,
-                        num_gpus=cfg.engine.num_gpus or None)
+                        compute=_pool(cfg.engine.concurrency, cfg.engine.max_batches_in_flight if asynchronous else None),
+                        num_cpus=cfg.engine.num_cpus, num_gpus=None if remote else (cfg.engine.num_gpus or None))
     return ds
 
 

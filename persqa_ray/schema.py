@@ -38,6 +38,7 @@ OUTPUT_FIELDS = [
     pa.field("num_input_tokens", pa.int32()),
     pa.field("num_output_tokens", pa.int32()),
     pa.field("attempts", pa.int32()),
+    pa.field("latency_s", pa.float32()),
 ]
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]
 # Working columns that travel between stages and never reach the output.

@@ -34,6 +34,9 @@ class RunStats:
             self.claimed.add(i)
         return owned
 
+    def record_max(self, key: str, value: int) -> None:
+        self.counters[key] = max(self.counters.get(key, 0), value)
+
     def add(self, key: str, n: int = 1) -> None:
         self.counters[key] += n
 

@@ -6,6 +6,7 @@ actor that uses it, once (Daft's provider pattern): nothing heavy crosses the wi
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence
 
@@ -28,21 +29,30 @@ class GenerationResult:
     num_input_tokens: int = 0
     num_output_tokens: int = 0
     error: Optional[str] = None       # engine-side failure for this request only
+    latency_s: float = 0.0            # submission to last token
 
 
 class Engine(Protocol):
     model_name: str
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """One result per request, in the same order; per-request failures go in `error`."""
+        """One result per request, in the same order; per-request failures go in `error`.
+        (Engines built for in-flight batching implement `async agenerate` with the same contract.)"""
 
     def shutdown(self) -> None:
         """Release the engine (processes, memory)."""
 
 
+def prefix_regex(prefix: str) -> str:
+    """Structured output that forces only the beginning of the answer; the rest is free text
+    bounded by max_tokens (a pattern that restricts the wording would cripple real answers)."""
+    return re.escape(prefix) + r"[\s\S]*"
+
+
 # kind -> "module:factory"; adding an engine is one file plus one line here.
 ENGINE_FACTORIES = {
     "vllm": "persqa_ray.engines.vllm_engine:VLLMEngine",
+    "openai": "persqa_ray.engines.openai_engine:OpenAIEngine",
 }
 
 

@@ -2,26 +2,26 @@
 
 vLLM's Python API moves between releases; every call we make to it is here, and only public,
 long-lived names are used: `vllm.LLM`, `vllm.SamplingParams`, `StructuredOutputsParams`,
-`LLM.get_tokenizer`, `LLM.generate`. The supported range lives in persqa_ray/versions.py.
+`LLM.get_tokenizer`, `LLM.generate`, and for the in-flight path `AsyncEngineArgs`,
+`AsyncLLMEngine.from_engine_args`, `AsyncLLMEngine.generate`. The supported range lives in
+persqa_ray/versions.py.
 """
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
-import re
 import sys
+import time
+import uuid
 from contextlib import contextmanager
 from typing import Any, Optional, Sequence
 
-from persqa_ray.engines.base import GenerationRequest, GenerationResult
+from persqa_ray.engines.base import GenerationRequest, GenerationResult, prefix_regex
 from persqa_ray.versions import check_vllm
 
 log = logging.getLogger(__name__)
-
-
-def prefix_regex(prefix: str) -> str:
-    """Force only the beginning of the answer; the rest is free text bounded by max_tokens."""
-    return re.escape(prefix) + r"[\s\S]*"
 
 
 @contextmanager
@@ -53,7 +53,7 @@ class VLLMEngine:
                  max_images_per_prompt: int = 4, max_tokens: int = 128, temperature: float = 0.7,
                  top_p: float = 0.9, top_k: Optional[int] = None, repetition_penalty: float = 1.0,
                  seed: int = 0, env: Optional[dict[str, str]] = None,
-                 engine_kwargs: Optional[dict[str, Any]] = None):
+                 engine_kwargs: Optional[dict[str, Any]] = None, async_engine: bool = False):
         for k, v in (env or {}).items():  # before vLLM is imported: its engine process inherits them
             os.environ.setdefault(k, str(v))
         self.version = check_vllm()
@@ -76,9 +76,29 @@ class VLLMEngine:
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(engine_kwargs or {})
+        self.llm = self.async_llm = None
         with _spawn_without_user_main():
-            self.llm = LLM(**kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
+            if async_engine:
+                # The async engine takes requests as they come and keeps several batches in flight,
+                # so one batch's image preprocessing overlaps another's GPU work.
+                from vllm import AsyncEngineArgs, AsyncLLMEngine
+                self.async_llm = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
+            else:
+                self.llm = LLM(**kwargs)
+        self.tokenizer = self._load_tokenizer(model)
+        # vLLM's CPU backend kills its engine process when a request with its own seed is partly
+        # prefilled ("CPU Generator does not use offset": the rewind in _bookkeeping_sync assumes
+        # CUDA's Philox generator). On CPU, requests use the engine's seed only.
+        from vllm.platforms import current_platform
+        self.per_request_seeds = not current_platform.is_cpu()
+
+    def _load_tokenizer(self, model: str):
+        tok = (self.llm or self.async_llm).get_tokenizer()
+        if inspect.isawaitable(tok):  # some vLLM releases made it async: use the HF tokenizer itself
+            tok.close()
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(model)
+        return tok
 
     # -- prompts ---------------------------------------------------------------------------
     def chat_template(self, messages: list[dict]) -> str:
@@ -95,7 +115,8 @@ class VLLMEngine:
         extra = {}
         if req.answer_prefix:
             extra["structured_outputs"] = self._StructuredOutputsParams(regex=prefix_regex(req.answer_prefix))
-        return self._SamplingParams(seed=req.seed, **self.sampling, **extra)
+        seed = req.seed if self.per_request_seeds else None
+        return self._SamplingParams(seed=seed, **self.sampling, **extra)
 
     def _inputs(self, req: GenerationRequest) -> dict:
         item: dict[str, Any] = {"prompt": self.render_prompt(req)}
@@ -107,10 +128,14 @@ class VLLMEngine:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         if not requests:
             return []
+        if self.llm is None:
+            raise RuntimeError("this engine was built with async_engine=True: use agenerate()")
+        started = time.perf_counter()
         try:
             outs = self.llm.generate([self._inputs(r) for r in requests],
                                      [self._params(r) for r in requests], use_tqdm=False)
-            return [self._result(o) for o in outs]
+            latency = time.perf_counter() - started  # offline API: one latency for the whole call
+            return [self._result(o, latency) for o in outs]
         except Exception as e:  # noqa: BLE001
             if len(requests) == 1 or not self.alive():
                 return [GenerationResult(None, error=f"{type(e).__name__}: {e}") for _ in requests]
@@ -119,13 +144,33 @@ class VLLMEngine:
             log.warning("batch of %d failed (%s); retrying one by one", len(requests), e)
             return [self.generate([r])[0] for r in requests]
 
+    async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Submit every request at once; each finishes on its own (no batch-wide failure)."""
+        if self.async_llm is None:
+            raise RuntimeError("this engine was built with async_engine=False: use generate()")
+        return list(await asyncio.gather(*(self._agenerate_one(r) for r in requests)))
+
+    async def _agenerate_one(self, req: GenerationRequest) -> GenerationResult:
+        started = time.perf_counter()
+        final = None
+        try:
+            async for out in self.async_llm.generate(self._inputs(req), self._params(req), uuid.uuid4().hex):
+                final = out
+        except Exception as e:  # noqa: BLE001 - this request only (or a dead engine: see alive())
+            return GenerationResult(None, error=f"{type(e).__name__}: {e}")
+        if final is None:
+            return GenerationResult(None, error="engine returned no output")
+        return self._result(final, time.perf_counter() - started)
+
     @staticmethod
-    def _result(o) -> GenerationResult:
+    def _result(o, latency: float) -> GenerationResult:
         c = o.outputs[0]
         return GenerationResult(text=c.text, num_input_tokens=len(o.prompt_token_ids or []),
-                                num_output_tokens=len(c.token_ids or []))
+                                num_output_tokens=len(c.token_ids or []), latency_s=latency)
 
     def alive(self) -> bool:
+        if self.async_llm is not None:
+            return not self.async_llm.errored
         engine = getattr(self.llm, "llm_engine", None)
         core = getattr(engine, "engine_core", None)
         resources = getattr(core, "resources", None)
@@ -133,12 +178,14 @@ class VLLMEngine:
 
     def shutdown(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is None:
-            return
+        allm, self.async_llm = getattr(self, "async_llm", None), None
         try:
-            engine = getattr(llm, "llm_engine", None)
-            core = getattr(engine, "engine_core", None)
-            if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
+            if allm is not None:
+                allm.shutdown()
+            if llm is not None:
+                engine = getattr(llm, "llm_engine", None)
+                core = getattr(engine, "engine_core", None)
+                if core is not None and hasattr(core, "shutdown"):
+                    core.shutdown()
         except Exception:  # noqa: BLE001 - best effort on the way out
             log.debug("engine shutdown raised", exc_info=True)

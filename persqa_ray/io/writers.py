@@ -233,6 +233,7 @@ def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: s
         "shards": stats.get("shards", 0),
         "shard_errors": stats.get("shard_errors", {}),
         "engine_restarts": stats.get("engine_restarts", 0),
+        "max_batches_in_flight": stats.get("max_batches_in_flight", 1 if t.num_rows else 0),
         "orphan_files_removed": orphans_removed,
         "model": model,
         "seconds": round(seconds, 2),

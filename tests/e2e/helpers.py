@@ -35,8 +35,27 @@ def summary_of(out_dir: Path) -> dict:
     return json.loads((out_dir / "_summary.json").read_text())
 
 
+def _ppid(pid: str) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _is_ours(pid: str) -> bool:
+    """A descendant of this test process (the session's shared engine fixture), not a leftover."""
+    me, p = os.getpid(), int(pid)
+    for _ in range(64):
+        if p in (0, 1):
+            return False
+        if p == me:
+            return True
+        p = _ppid(str(p))
+    return False
+
+
 def engine_processes() -> list[str]:
-    """Command lines of vLLM engine processes still alive on this machine."""
+    """Live vLLM engine processes on this machine that this test process did not start."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -46,7 +65,11 @@ def engine_processes() -> list[str]:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             continue
-        if any(m in cmd or m in comm for m in ENGINE_PROCESS_MARKERS):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(m in cmd or m in comm for m in ENGINE_PROCESS_MARKERS) and not _is_ours(pid):
             found.append(f"{pid} {comm} {cmd[:120]}")
     return found
 

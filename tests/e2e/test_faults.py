@@ -64,3 +64,38 @@ def test_killed_decode_and_generate_actors(tmp_path, tiny_model):
     while engine_processes() and time.time() < deadline:
         time.sleep(0.5)
     assert engine_processes() == []
+
+
+def test_killed_engine_process_is_recreated(tmp_path, tiny_model):
+    """Kill the vLLM engine process inside the engine actor: the actor notices, builds a new engine,
+    retries the batch; the run completes and no engine process is left."""
+    import make_demo_data
+    data = tmp_path / "data"
+    manifest = make_demo_data.make(data, rows=60)
+    out = tmp_path / "out"
+    cfg = demo_config(data, out, tiny_model, input={"block_rows": 2}, engine={"batch_size": 2, "max_tokens": 96},
+                      image={"batch_size": 2})
+    proc = subprocess.Popen([sys.executable, "-m", "persqa_ray", "run", str(write_config(tmp_path / "r.yaml", cfg)),
+                             "--quiet"], cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    try:
+        deadline = time.time() + 300
+        while not ((out / "_commits").is_dir() and len(os.listdir(out / "_commits")) >= 2):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        engines = pids_of("VLLM::EngineCore")
+        assert len(engines) == 1
+        os.kill(engines[0], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-4000:]
+    s = summary_of(out)
+    assert s["engine_restarts"] >= 1
+    assert s["rows_in"] == manifest["rows"] == s["rows_ok"] + s["rows_error"] and s["duplicates"] == 0
+    assert s["errors_by_status"] == {"bad_image": 1, "missing_image": 1}  # no row lost to the dead engine
+    deadline = time.time() + 20
+    while engine_processes() and time.time() < deadline:
+        time.sleep(0.5)
+    assert engine_processes() == []

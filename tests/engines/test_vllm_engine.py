@@ -6,7 +6,7 @@ from skimage import data
 from PIL import Image
 
 from persqa_ray.engines.base import GenerationRequest
-from persqa_ray.engines.vllm_engine import prefix_regex
+from persqa_ray.engines.base import prefix_regex
 
 
 def img(arr, size=(224, 168)):
@@ -35,11 +35,18 @@ def test_answers_start_with_tag_and_count_tokens(engine):
     assert results[1].num_input_tokens > results[0].num_input_tokens + 30
 
 
-def test_seeded_requests_reproduce(engine):
+def test_seeds_follow_the_platform(engine):
+    # On vLLM's CPU backend per-request seeds kill the engine on partial prefills, so they are off
+    # there; on GPU the same seed reproduces the same sample.
     one = img(data.coffee())
     a, b, c = engine.generate([req([one], seed=7), req([one], seed=7), req([one], seed=8)])
-    assert a.text == b.text
-    assert a.text != c.text
+    assert all(r.error is None for r in (a, b, c))
+    if engine.per_request_seeds:
+        assert a.text == b.text and a.text != c.text
+    else:
+        import torch
+        assert not torch.cuda.is_available()
+        assert engine._params(req([one], seed=7)).seed is None
 
 
 def test_one_bad_request_does_not_sink_the_batch(engine):

@@ -1,0 +1,132 @@
+"""engine.kind=openai against a real `vllm serve` of the tiny model on 127.0.0.1 (started here,
+stopped by pid): structured output through the server, an API key that never leaks, and the
+server dying mid-run (rows retried, then engine_error; the job still accounts for every row)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import persqa_ray
+from tests.conftest import demo_config
+from tests.e2e.helpers import run_cli, summary_of, write_config
+
+pytestmark = pytest.mark.slow
+API_KEY = "persqa-test-api-key-7f3a"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+    # `vllm serve` itself, through its module entry point (the `vllm` console script looks up the
+    # distribution name 'vllm', which the CPU build calls 'vllm-cpu').
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model, "--host", "127.0.0.1",
+           "--port", str(port), "--enforce-eager", "--max-model-len", "2048", "--api-key", API_KEY,
+           "--limit-mm-per-prompt", json.dumps({"image": 4, "video": 0}), "--served-model-name", "tiny"]
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "vllm serve did not come up"
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    yield {"proc": proc, "base_url": f"{base}/v1", "log": log}
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def openai_config(data_dir, out, server, **engine):
+    e = {"kind": "openai", "model": "tiny", "base_url": server["base_url"], "api_key_env": "PERSQA_TEST_API_KEY",
+         "num_cpus": 0.5, "max_concurrency": 8, "request_timeout_s": 30, "max_attempts": 3, "backoff_s": 0.2}
+    e.update(engine)
+    return demo_config(data_dir, out, "tiny", engine=e)
+
+
+def test_pipeline_through_vllm_serve(vllm_server, demo_data, tmp_path):
+    data_dir, manifest = demo_data
+    cfg = write_config(tmp_path / "o.yaml", openai_config(data_dir, tmp_path / "out", vllm_server))
+    os.environ["PERSQA_TEST_API_KEY"] = API_KEY
+    try:
+        proc = run_cli(["run", str(cfg)], cwd=tmp_path)
+    finally:
+        del os.environ["PERSQA_TEST_API_KEY"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary_of(tmp_path / "out")
+    assert s["rows_in"] == manifest["rows"] == s["rows_ok"] + s["rows_error"]
+    assert s["errors_by_status"] == {"bad_image": 1, "missing_image": 1}
+    rows = persqa_ray.read_output(str(tmp_path / "out")).to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == manifest["rows"] - 2
+    assert all(r["answer"].startswith("<mam>") for r in ok)  # the server's structured output
+    assert all(r["num_input_tokens"] > 0 and r["num_output_tokens"] > 0 and r["latency_s"] > 0 for r in ok)
+    two = [r for r in ok if r["source"] == "two images"][0]
+    one = [r for r in ok if r["source"] == "skimage"][0]
+    assert two["num_input_tokens"] > one["num_input_tokens"]  # both images reached the server
+    texts = [proc.stdout, proc.stderr, (tmp_path / "out" / "_summary.json").read_text(), json.dumps(rows)]
+    texts += [p.read_bytes().decode(errors="replace") for p in Path("/tmp/ray").glob("session_*/logs/**/*")
+              if p.is_file()]
+    assert not any(API_KEY in t for t in texts)
+
+
+def test_wrong_key_is_an_engine_error_not_a_crash(vllm_server, tmp_path):
+    import make_demo_data
+    make_demo_data.make(tmp_path / "d", rows=2)
+    cfg = write_config(tmp_path / "w.yaml", openai_config(tmp_path / "d", tmp_path / "out", vllm_server))
+    proc = run_cli(["run", str(cfg)], cwd=tmp_path)  # PERSQA_TEST_API_KEY unset: the server says 401
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = persqa_ray.read_output(str(tmp_path / "out")).to_pylist()
+    errs = [r for r in rows if r["status"] == "engine_error"]
+    assert len(errs) == 4 and all("401" in r["error"] and "1 attempt" in r["error"] for r in errs)  # not retried
+
+
+def test_server_stopped_mid_run(vllm_server, tmp_path):
+    import make_demo_data
+    manifest = make_demo_data.make(tmp_path / "d", rows=60)
+    out = tmp_path / "out"
+    cfg = openai_config(tmp_path / "d", out, vllm_server, batch_size=2, max_tokens=96)
+    cfg["input"]["block_rows"] = 2
+    cfg_path = write_config(tmp_path / "s.yaml", cfg)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PERSQA_TEST_API_KEY=API_KEY)
+    proc = subprocess.Popen([sys.executable, "-m", "persqa_ray", "run", str(cfg_path), "--quiet"], cwd=tmp_path,
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not ((out / "_commits").is_dir() and len(os.listdir(out / "_commits")) >= 3):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        server = vllm_server["proc"]
+        os.killpg(server.pid, signal.SIGKILL)  # the server goes away for good
+        server.wait()
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    s = summary_of(out)
+    assert s["rows_in"] == manifest["rows"] == s["rows_ok"] + s["rows_error"] and s["duplicates"] == 0
+    assert s["rows_ok"] >= 3 and s["errors_by_status"].get("engine_error", 0) > 0
+    rows = persqa_ray.read_output(str(out)).to_pylist()
+    errs = [r for r in rows if r["status"] == "engine_error"]
+    assert all("APIConnectionError" in r["error"] and "3 attempt" in r["error"] for r in errs)  # retried first
