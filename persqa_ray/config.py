@@ -96,9 +96,10 @@ class PromptConfig(_Section):
 
 
 class EngineConfig(_Section):
-    kind: Literal["vllm", "openai"] = Field(
-        "vllm", description="Inference engine: 'vllm' (in-process vLLM in each actor) or 'openai' (an "
-        "OpenAI-compatible server: vllm serve, SGLang, a hosted API; runs in CPU actors).")
+    kind: Literal["vllm", "openai", "standin"] = Field(
+        "vllm", description="Inference engine: 'vllm' (in-process vLLM in each actor), 'openai' (an "
+        "OpenAI-compatible server: vllm serve, SGLang, a hosted API; runs in CPU actors), or "
+        "'standin' (benchmark instrument: fixed text, no model; measures the pipeline's own cost).")
     model: str = Field(
         "Qwen/Qwen2.5-VL-3B-Instruct", description="Model directory or hub id (the hub needs network).")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans.")
@@ -117,6 +118,8 @@ class EngineConfig(_Section):
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: Optional[int] = Field(None, description="Top-k sampling (unset: off).")
     repetition_penalty: float = Field(1.0, gt=0, description="vLLM repetition penalty.")
+    ignore_eos: bool = Field(
+        False, description="Generate exactly max_tokens per answer (benchmarks: equal work per contender).")
     max_model_len: Optional[int] = Field(4096, gt=0, description="Context length the engine reserves for.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may use.")
     enforce_eager: bool = Field(False, description="Skip graph compilation (much faster start on CPU).")

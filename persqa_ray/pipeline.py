@@ -14,10 +14,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import ray
 
-from persqa_ray import schema
 from persqa_ray.config import ConfigError, PersQAConfig, load_config
 from persqa_ray.engines.base import EngineSpec
-from persqa_ray.io.filesystems import filesystem, is_url, list_shards, parent_of
+from persqa_ray.io.filesystems import is_url, list_shards, parent_of
 from persqa_ray.io.readers import ReadOptions, read_shards_batch
 from persqa_ray.io.writers import WriteOptions, prepare_output, summarize, write_committed, write_summary
 from persqa_ray.personalization.templates import TemplateError
@@ -53,6 +52,8 @@ def _pool(concurrency, in_flight: int | None = None) -> ray.data.ActorPoolStrate
 
 def engine_spec(cfg: PersQAConfig) -> EngineSpec:
     e = cfg.engine
+    if e.kind == "standin":
+        return EngineSpec(kind="standin", options=dict(model=e.model, max_tokens=e.max_tokens))
     if e.kind == "openai":
         return EngineSpec(kind="openai", options=dict(
             model=e.model, base_url=e.base_url, api_key_env=e.api_key_env, max_concurrency=e.max_concurrency,
@@ -64,7 +65,7 @@ def engine_spec(cfg: PersQAConfig) -> EngineSpec:
         max_images_per_prompt=e.max_images_per_prompt, max_tokens=e.max_tokens,
         temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
         repetition_penalty=e.repetition_penalty, seed=cfg.prompt.seed, env=dict(e.env),
-        engine_kwargs=dict(e.engine_kwargs), async_engine=e.async_engine))
+        engine_kwargs=dict(e.engine_kwargs), async_engine=e.async_engine, ignore_eos=e.ignore_eos))
 
 
 def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str, str]]] = None) -> Plan:
@@ -96,8 +97,8 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
     except TemplateError as e:
         raise ConfigError(f"prompt.templates: {e}") from None
     model_path = cfg.engine.model
-    if cfg.engine.kind == "openai":
-        pass  # the server's model name, not a path
+    if cfg.engine.kind in ("openai", "standin"):
+        pass  # the server's model name (or the stand-in's label), not a path
     elif os.path.exists(os.path.expanduser(model_path)):
         model_path = os.path.abspath(os.path.expanduser(model_path))
     elif model_path.startswith((".", "/", "~")):
@@ -153,7 +154,7 @@ def _compose(p: Plan, stats, done=None) -> ray.data.Dataset:
     ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"opts": p.decode},
                         batch_size=cfg.image.batch_size, batch_format="pyarrow",
                         compute=_pool(cfg.image.concurrency), num_cpus=cfg.image.num_cpus)
-    remote = cfg.engine.kind == "openai"  # a client in a CPU actor: no GPU, always async
+    remote = cfg.engine.kind in ("openai", "standin")  # CPU actors: no GPU, always async
     asynchronous = remote or cfg.engine.async_engine
     ds = ds.map_batches(AsyncGenerateStage if asynchronous else GenerateStage,
                         fn_constructor_kwargs={"opts": p.generate, "stats": stats},

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence
 
-import pyarrow as pa
 
 from persqa_ray.compat.serving import LLMServingABC, LocalModelVLMServing_vllm
 from persqa_ray.engines.base import GenerationRequest, GenerationResult

@@ -53,6 +53,7 @@ def prefix_regex(prefix: str) -> str:
 ENGINE_FACTORIES = {
     "vllm": "persqa_ray.engines.vllm_engine:VLLMEngine",
     "openai": "persqa_ray.engines.openai_engine:OpenAIEngine",
+    "standin": "persqa_ray.engines.standin:StandInEngine",  # benchmark instrument only
 }
 
 

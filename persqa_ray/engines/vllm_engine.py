@@ -53,7 +53,8 @@ class VLLMEngine:
                  max_images_per_prompt: int = 4, max_tokens: int = 128, temperature: float = 0.7,
                  top_p: float = 0.9, top_k: Optional[int] = None, repetition_penalty: float = 1.0,
                  seed: int = 0, env: Optional[dict[str, str]] = None,
-                 engine_kwargs: Optional[dict[str, Any]] = None, async_engine: bool = False):
+                 engine_kwargs: Optional[dict[str, Any]] = None, async_engine: bool = False,
+                 ignore_eos: bool = False):
         for k, v in (env or {}).items():  # before vLLM is imported: its engine process inherits them
             os.environ.setdefault(k, str(v))
         self.version = check_vllm()
@@ -67,7 +68,7 @@ class VLLMEngine:
         self._StructuredOutputsParams = StructuredOutputsParams
         self.model_name = model
         self.sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                             repetition_penalty=repetition_penalty)
+                             repetition_penalty=repetition_penalty, ignore_eos=ignore_eos)
         if top_k is not None:
             self.sampling["top_k"] = top_k
         kwargs = dict(model=model, tensor_parallel_size=tensor_parallel_size,

@@ -10,7 +10,7 @@ import io
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+
 
 import numpy as np
 import pyarrow as pa

@@ -1,7 +1,6 @@
 """The operator is the pipeline's own core: same questions as the CLI, same answers at temperature 0;
 and users' own serving/storage objects that follow the base classes work."""
 import json
-import os
 
 import pandas as pd
 import pytest

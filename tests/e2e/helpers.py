@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -24,6 +26,24 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 480) -> subprocess.Comp
         out, err = proc.communicate()
         raise AssertionError(f"CLI timed out after {timeout}s\n{out[-3000:]}\n{err[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@contextmanager
+def cli_running(args: list[str], cwd: Path, env: dict | None = None):
+    """The CLI started in its own process group (so a test can SIGKILL all of it); whatever
+    happens in the block, nothing of it is left running afterwards."""
+    proc = subprocess.Popen([sys.executable, "-m", "persqa_ray", *args], cwd=cwd, start_new_session=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
 
 
 def write_config(path: Path, cfg: dict) -> Path:
@@ -54,37 +74,36 @@ def _is_ours(pid: str) -> bool:
     return False
 
 
-def engine_processes() -> list[str]:
-    """Live vLLM engine processes on this machine that this test process did not start."""
-    found = []
+def _live_processes():
+    """(pid, title, command line) of every process on the machine that is not a zombie."""
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:
-            continue
-        try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and any(m in cmd or m in comm for m in ENGINE_PROCESS_MARKERS) and not _is_ours(pid):
-            found.append(f"{pid} {comm} {cmd[:120]}")
-    return found
+        if state != "Z":
+            yield pid, comm, cmd
+
+
+def engine_processes() -> list[str]:
+    """Live vLLM engine processes on this machine that this test process did not start."""
+    return [f"{pid} {comm} {cmd[:120]}" for pid, comm, cmd in _live_processes()
+            if any(m in cmd or m in comm for m in ENGINE_PROCESS_MARKERS) and not _is_ours(pid)]
 
 
 def pids_of(marker: str) -> list[int]:
-    """Live (not zombie) processes whose title or command line contains `marker`."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in cmd and state != "Z":
-            found.append(int(pid))
-    return found
+    """Live processes whose title or command line contains `marker`."""
+    return [int(pid) for pid, comm, cmd in _live_processes() if marker in cmd or marker in comm]
+
+
+def wait_for_commits(proc, out: Path, n: int, timeout: float = 300) -> None:
+    """Wait until a running CLI has committed n output blocks (it must still be running)."""
+    deadline = time.time() + timeout
+    while not ((out / "_commits").is_dir() and len(os.listdir(out / "_commits")) >= n):
+        assert proc.poll() is None, "the run ended before the expected commits"
+        assert time.time() < deadline, f"no {n} commits in {timeout}s"
+        time.sleep(0.05)

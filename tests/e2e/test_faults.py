@@ -2,15 +2,13 @@
 accounted for exactly once, and no vLLM engine process is left behind."""
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 import persqa_ray
 from tests.conftest import demo_config
-from tests.e2e.helpers import engine_processes, pids_of, summary_of, write_config
+from tests.e2e.helpers import cli_running, engine_processes, pids_of, summary_of, wait_for_commits, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +21,6 @@ def test_killed_decode_and_generate_actors(tmp_path, tiny_model):
     cfg = demo_config(data, out, tiny_model, input={"block_rows": 2}, engine={"batch_size": 2, "max_tokens": 48},
                       image={"batch_size": 1, "max_pixels": 1003520})
     cfg_path = write_config(tmp_path / "run.yaml", cfg)
-    proc = subprocess.Popen([sys.executable, "-m", "persqa_ray", "run", str(cfg_path), "--quiet"], cwd=tmp_path,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
     killed, replaced = [], []
 
     def wait_for(cond, what, timeout=300):
@@ -44,16 +39,12 @@ def test_killed_decode_and_generate_actors(tmp_path, tiny_model):
         wait_for(lambda: [p for p in pids_of(marker) if p != victim], f"a restarted {marker}", 120)
         replaced.append(marker)
 
-    commits = lambda: len(os.listdir(out / "_commits")) if (out / "_commits").is_dir() else 0  # noqa: E731
-    try:
+    with cli_running(["run", str(cfg_path), "--quiet"], tmp_path) as proc:
         kill_and_see_replacement("MapBatches(DecodeStage)")  # while it decodes, before any answer
-        wait_for(lambda: commits() >= 2, "two committed blocks")
-        kill_and_see_replacement("MapBatches(GenerateStage)")  # with its vLLM engine, mid-generation
+        wait_for_commits(proc, out, 2)
+        kill_and_see_replacement("MapBatches(AsyncGenerateStage)")  # with its vLLM engine, mid-generation
         stdout, stderr = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert killed == replaced == ["MapBatches(DecodeStage)", "MapBatches(GenerateStage)"]
+    assert killed == replaced == ["MapBatches(DecodeStage)", "MapBatches(AsyncGenerateStage)"]
     assert proc.returncode == 0, stderr[-4000:]
     s = summary_of(out)
     assert s["rows_in"] == manifest["rows"] == s["rows_ok"] + s["rows_error"]
@@ -75,21 +66,12 @@ def test_killed_engine_process_is_recreated(tmp_path, tiny_model):
     out = tmp_path / "out"
     cfg = demo_config(data, out, tiny_model, input={"block_rows": 2}, engine={"batch_size": 2, "max_tokens": 96},
                       image={"batch_size": 2})
-    proc = subprocess.Popen([sys.executable, "-m", "persqa_ray", "run", str(write_config(tmp_path / "r.yaml", cfg)),
-                             "--quiet"], cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    try:
-        deadline = time.time() + 300
-        while not ((out / "_commits").is_dir() and len(os.listdir(out / "_commits")) >= 2):
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.05)
+    with cli_running(["run", str(write_config(tmp_path / "r.yaml", cfg)), "--quiet"], tmp_path) as proc:
+        wait_for_commits(proc, out, 2)
         engines = pids_of("VLLM::EngineCore")
         assert len(engines) == 1
         os.kill(engines[0], signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr[-4000:]
     s = summary_of(out)
     assert s["engine_restarts"] >= 1

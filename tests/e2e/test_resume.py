@@ -2,43 +2,22 @@
 rerun, and get every row exactly once; then a rebuild over a grown input does only the new rows."""
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 import persqa_ray
 from tests.conftest import demo_config
-from tests.e2e.helpers import engine_processes, run_cli, summary_of, write_config
+from tests.e2e.helpers import cli_running, engine_processes, run_cli, summary_of, wait_for_commits, write_config
 
 pytestmark = pytest.mark.slow
 
 
-def commits(out):
-    d = out / "_commits"
-    return len(os.listdir(d)) if d.is_dir() else 0
-
-
-def run_and_kill(cfg_path, cwd, out, at_least: int, timeout=300):
-    """Start the CLI, SIGKILL its process group once `at_least` batches are committed."""
-    proc = subprocess.Popen([sys.executable, "-m", "persqa_ray", "run", str(cfg_path), "--quiet"], cwd=cwd,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    deadline = time.time() + timeout
-    try:
-        while commits(out) < at_least:
-            assert proc.poll() is None, "the run ended before the kill point"
-            assert time.time() < deadline, "no commit in time"
-            time.sleep(0.1)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    return commits(out)
+def run_and_kill(cfg_path, cwd, out, at_least: int) -> int:
+    """Start the CLI, SIGKILL its whole process group once `at_least` batches are committed."""
+    with cli_running(["run", str(cfg_path), "--quiet"], cwd) as proc:
+        wait_for_commits(proc, out, at_least)
+    return len(os.listdir(out / "_commits"))
 
 
 def wait_no_engines(seconds=20):

@@ -15,7 +15,7 @@ import pytest
 
 import persqa_ray
 from tests.conftest import demo_config
-from tests.e2e.helpers import run_cli, summary_of, write_config
+from tests.e2e.helpers import cli_running, run_cli, summary_of, wait_for_commits, write_config
 
 pytestmark = pytest.mark.slow
 API_KEY = "persqa-test-api-key-7f3a"
@@ -108,21 +108,12 @@ def test_server_stopped_mid_run(vllm_server, tmp_path):
     cfg = openai_config(tmp_path / "d", out, vllm_server, batch_size=2, max_tokens=96)
     cfg["input"]["block_rows"] = 2
     cfg_path = write_config(tmp_path / "s.yaml", cfg)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PERSQA_TEST_API_KEY=API_KEY)
-    proc = subprocess.Popen([sys.executable, "-m", "persqa_ray", "run", str(cfg_path), "--quiet"], cwd=tmp_path,
-                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300
-        while not ((out / "_commits").is_dir() and len(os.listdir(out / "_commits")) >= 3):
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.05)
+    with cli_running(["run", str(cfg_path), "--quiet"], tmp_path, {"PERSQA_TEST_API_KEY": API_KEY}) as proc:
+        wait_for_commits(proc, out, 3)
         server = vllm_server["proc"]
         os.killpg(server.pid, signal.SIGKILL)  # the server goes away for good
         server.wait()
         stdout, stderr = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr[-3000:]
     s = summary_of(out)
     assert s["rows_in"] == manifest["rows"] == s["rows_ok"] + s["rows_error"] and s["duplicates"] == 0
