@@ -117,10 +117,7 @@ def prepare_output(cfg) -> Resume:
                or f.endswith(".parquet.tmp")]
     for f in orphans:
         fs.rm(f)
-    done: list[str] = []
-    data = [f for f in _data_files(fs, root)]
-    if data:
-        done = read_output(out.path, ["row_id"], out.storage_options).column("row_id").to_pylist()
+    done = read_output(out.path, ["row_id"], out.storage_options).column("row_id").to_pylist()
     return Resume(done_row_ids=done, orphans_removed=len(orphans))
 
 
