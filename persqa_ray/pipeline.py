@@ -191,7 +191,7 @@ def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> di
     started = time.time()
     stats = RunStats.remote()
     # Row ids done earlier, as one sorted fixed-width array (compact, binary-searchable in tasks).
-    done = np.array(sorted(set(resume.done_row_ids)), dtype=object).astype(str) if resume.done_row_ids else None
+    done = np.unique(np.array(resume.done_row_ids, dtype=str)) if resume.done_row_ids else None
     ds = _compose(p, stats, done)
     wopts = WriteOptions(path=cfg.output.path, storage_options=dict(cfg.output.storage_options),
                          partition_by=tuple(cfg.output.partition_by))

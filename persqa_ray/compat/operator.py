@@ -17,9 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence
 
-
 from persqa_ray.compat.serving import LLMServingABC, LocalModelVLMServing_vllm
-from persqa_ray.engines.base import GenerationRequest, GenerationResult
+from persqa_ray.engines.base import GenerationRequest, GenerationResult, chat_messages
 from persqa_ray.io.readers import normalize_row, rows_to_table
 from persqa_ray.pipeline import Plan, build_dataset, plan
 from persqa_ray.stages.decode import DecodeStage
@@ -39,8 +38,7 @@ class _ServingEngine:
         self.model_name = str(getattr(serving, "model_name", type(serving).__name__))
 
     def _prompt(self, req: GenerationRequest) -> str:
-        content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.user_prompt}]
-        messages = [{"role": "system", "content": req.system_prompt}, {"role": "user", "content": content}]
+        messages = chat_messages(req, [{"type": "image"} for _ in req.images])
         processor = getattr(self.serving, "processor", None)
         if processor is not None and hasattr(processor, "apply_chat_template"):
             return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -43,6 +43,13 @@ class Engine(Protocol):
         """Release the engine (processes, memory)."""
 
 
+def chat_messages(req: GenerationRequest, image_parts: list[dict]) -> list[dict]:
+    """The system + user turn every engine sends: the row's image parts, then the question text.
+    Each engine says how an image is given (a placeholder, a data URL)."""
+    content = list(image_parts) + [{"type": "text", "text": req.user_prompt}]
+    return [{"role": "system", "content": req.system_prompt}, {"role": "user", "content": content}]
+
+
 def prefix_regex(prefix: str) -> str:
     """Structured output that forces only the beginning of the answer; the rest is free text
     bounded by max_tokens (a pattern that restricts the wording would cripple real answers)."""

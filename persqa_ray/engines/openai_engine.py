@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from persqa_ray.engines.base import GenerationRequest, GenerationResult, prefix_regex
+from persqa_ray.engines.base import GenerationRequest, GenerationResult, chat_messages, prefix_regex
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,8 @@ class OpenAIEngine:
         return isinstance(e, o.APIStatusError) and (e.status_code == 429 or e.status_code >= 500)
 
     async def _one(self, req: GenerationRequest) -> GenerationResult:
-        content = [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in req.images]
-        content.append({"type": "text", "text": req.user_prompt})
-        messages = [{"role": "system", "content": req.system_prompt}, {"role": "user", "content": content}]
+        messages = chat_messages(req, [{"type": "image_url", "image_url": {"url": data_url(img)}}
+                                       for img in req.images])
         extra = {}
         if req.answer_prefix and self.structured == "vllm":
             extra["extra_body"] = {"structured_outputs": {"regex": prefix_regex(req.answer_prefix)}}

@@ -18,7 +18,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Any, Optional, Sequence
 
-from persqa_ray.engines.base import GenerationRequest, GenerationResult, prefix_regex
+from persqa_ray.engines.base import GenerationRequest, GenerationResult, chat_messages, prefix_regex
 from persqa_ray.versions import check_vllm
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,7 @@ class VLLMEngine:
     def render_prompt(self, req: GenerationRequest) -> str:
         if req.prompt is not None:
             return req.prompt
-        content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.user_prompt}]
-        messages = [{"role": "system", "content": req.system_prompt}, {"role": "user", "content": content}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.chat_template(chat_messages(req, [{"type": "image"} for _ in req.images]))
 
     def _params(self, req: GenerationRequest):
         extra = {}

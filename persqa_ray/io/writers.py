@@ -152,10 +152,9 @@ def write_committed(batch: pa.Table, opts: WriteOptions) -> pa.Table:
         return pa.table({"rows": [0]})
     names = tuple(opts.partition_by)
     if names:
-        keys = batch.select(list(names)).to_pylist()
         groups: dict[tuple, list[int]] = {}
-        for i, k in enumerate(keys):
-            groups.setdefault(tuple(k[n] for n in names), []).append(i)
+        for i, part in enumerate(batch.select(list(names)).to_pylist()):
+            groups.setdefault(tuple(part[n] for n in names), []).append(i)
     else:
         groups = {(): list(range(batch.num_rows))}
     written = []

@@ -65,7 +65,7 @@ class _Work:
     """One batch's QA rows and the requests still to (re)ask: the logic both stages share."""
 
     def __init__(self, batch: pa.Table, opts: GenerateOptions):
-        self.batch, self.opts = batch, opts
+        self.opts = opts
         self.cols = {name: batch.column(name).to_pylist() for name in
                      ("row_id", "status", "error", "tag", schema.QUESTIONS, schema.TEMPLATE_IDS, schema.PROMPTS)}
         pixels = batch.column(schema.PIXELS).to_pylist()
