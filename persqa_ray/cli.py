@@ -1,4 +1,4 @@
-"""`persqa-ray run|validate` (and `python -m persqa_ray ...`)."""
+"""`persqa-ray run|validate|export` (and `python -m persqa_ray ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -23,12 +23,41 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--json", action="store_true", help="print the summary as JSON")
         else:
             s.add_argument("--explain", action="store_true", help="list every config field with its description")
+    e = sub.add_parser("export", help="write training files (LLaVA, ShareGPT, JSONL) from an output")
+    e.add_argument("output", help="output directory or URL of a run")
+    e.add_argument("--format", required=True, choices=["llava", "sharegpt", "jsonl"])
+    e.add_argument("--out", required=True, help="file to write (local or URL); with --split, NAME.train.EXT "
+                   "and NAME.test.EXT")
+    e.add_argument("--split", help="concept:FRACTION, e.g. concept:0.8 (no concept on both sides)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the concept split")
+    e.add_argument("--image-root", help="write image paths relative to this directory")
+    e.add_argument("--storage-options", default="{}", help="fsspec options as JSON (s3 endpoint, region, ...)")
+    e.add_argument("--log-level", default="WARNING")
     return p
+
+
+def _export(args) -> int:
+    from persqa_ray.export import ExportError, export
+    try:
+        options = json.loads(args.storage_options)
+        result = export(args.output, args.format, args.out, split=args.split, seed=args.seed,
+                        storage_options=options, image_root=args.image_root)
+    except (ExportError, json.JSONDecodeError) as e:
+        print(f"persqa-ray export: {e}", file=sys.stderr)
+        return 2
+    for path, n in result["files"].items():
+        print(f"{path}: {n} records")
+    if "train_concepts" in result:
+        print(f"train concepts {len(result['train_concepts'])}, test concepts {len(result['test_concepts'])}, "
+              f"cross-split 'No' pairs dropped {result['cross_split_pairs_dropped']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "export":
+        return _export(args)
     from persqa_ray.config import ConfigError, describe_fields, load_config
 
     overrides = list(args.overrides) + (["output.overwrite=true"] if getattr(args, "overwrite", False) else [])

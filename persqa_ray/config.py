@@ -14,7 +14,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Columns of the output row that users may partition by (low-cardinality ones).
-PARTITIONABLE_COLUMNS = ("status", "concept", "tag", "subject_type", "model", "template_id", "language")
+PARTITIONABLE_COLUMNS = ("status", "concept", "tag", "subject_type", "model", "template_id", "language",
+                         "qa_type", "image_concept")
+SubjectType = Literal["person", "animal", "object"]
+
+
+def _check_tag_name(v: str) -> str:
+    if not v or not all(c.isalnum() or c in "_-" for c in v):
+        raise ValueError("must be a bare name of letters, digits, '_' or '-' (rendered as '<name>')")
+    return v
 
 
 class ConfigError(ValueError):
@@ -36,6 +44,13 @@ class InputConfig(_Section):
     id_column: Optional[str] = Field(
         None, description="Column with a stable row id. Unset: the id is a hash of the shard's path "
         "and the row's position in it.")
+    concept_column: Optional[str] = Field(
+        None, description="Column naming each row's concept (its tag comes from prompt.concepts, else "
+        "'<value>'). Unset or empty value: the concept prompt.tag.")
+    subject_type_column: Optional[str] = Field(
+        None, description="Column with the subject type (person/animal/object) of each row; it picks the "
+        "question families exactly. Empty value: detection or prompt.default_subject_type; any other "
+        "value: a bad_record row.")
     paths_relative_to: Literal["input_dir", "cwd"] = Field(
         "input_dir", description="How relative image paths resolve: against the shard's directory, or "
         "the driver's current directory (the DataFlow-style API uses 'cwd').")
@@ -77,8 +92,42 @@ class ImageConfig(_Section):
     batch_size: int = Field(16, gt=0, description="Rows per decode batch.")
 
 
+class ConceptConfig(_Section):
+    tag: Optional[str] = Field(None, description="Tag name, rendered '<tag>'; unset: the concept's own name.")
+    class_phrase: Optional[str] = Field(
+        None, description="How the subject is named without the tag ('the cat'): asked instead of the tag "
+        "when prompt.substitute_class_phrase is on, and refused in answers when it is off.")
+    subject_type: Optional[SubjectType] = Field(
+        None, description="The subject type of every image of this concept (a subject_type column wins).")
+
+    _tag = field_validator("tag")(classmethod(lambda cls, v: v if v is None else _check_tag_name(v)))
+
+
 class PromptConfig(_Section):
-    tag: str = Field("mam", description="Concept tag name, rendered '<tag>' in questions and answers.")
+    tag: str = Field("mam", description="Concept (and tag name) of rows with no concept, rendered '<tag>' in "
+                     "questions and answers.")
+    concepts: dict[str, ConceptConfig] = Field(
+        default_factory=dict, description="Concept registry: name -> {tag, class_phrase, subject_type}. "
+        "Tags must differ across concepts.")
+    detect_subject_type: bool = Field(
+        False, description="Rows with no known subject type ask the VLM first (one short request, answer "
+        "restricted to person/animal/object by structured output).")
+    default_subject_type: Optional[SubjectType] = Field(
+        None, description="Subject type when no column, concept or detection gives one; unset: such rows "
+        "get only the families valid for every type (activity, scene).")
+    recognition: bool = Field(
+        False, description="Add recognition QA per image: 'Is <tag> in this photo?' with its own tag "
+        "(Yes) and, when the dataset has other concepts, with another concept's tag (No): 50/50.")
+    recognition_check: bool = Field(
+        False, description="Also ask the VLM each recognition question (Yes/No structured output); its "
+        "answer lands in `model_label`, disagreements are counted in the summary.")
+    substitute_class_phrase: bool = Field(
+        False, description="MyVLM's trick: ask about the class phrase ('the cat') and put the tag into "
+        "question and answer afterwards.")
+    tag_vocab_check: Literal["error", "warn", "off"] = Field(
+        "warn", description="Tags that are tokens or words of the model's vocabulary: refuse ('error': a "
+        "configured concept stops the run, a concept from the input becomes bad_concept rows), log "
+        "('warn') or ignore ('off').")
     seed: int = Field(0, description="Run seed; with the row id it fixes which questions a row gets.")
     questions_per_image: int = Field(1, ge=1, le=32, description="k distinct questions (QA rows) per input row.")
     language: Literal["en", "zh"] = Field("en", description="Template and system-prompt language.")
@@ -90,9 +139,26 @@ class PromptConfig(_Section):
     @field_validator("tag")
     @classmethod
     def _tag_name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "_-" for c in v):
-            raise ValueError("must be a bare name of letters, digits, '_' or '-' (rendered as '<name>')")
-        return v
+        return _check_tag_name(v)
+
+    @model_validator(mode="after")
+    def _concepts(self) -> "PromptConfig":
+        seen: dict[str, str] = {}
+        for name, c in self.concepts.items():
+            tag = c.tag or name
+            if c.tag is None:
+                try:
+                    _check_tag_name(name)
+                except ValueError:
+                    raise ValueError(f"concepts.{name}: the name is not a bare tag name; give it a tag") from None
+            if tag in seen:
+                raise ValueError(f"concepts.{name}: tag <{tag}> is already the tag of concept {seen[tag]!r}")
+            seen[tag] = name
+        if self.tag in seen and seen[self.tag] != self.tag:
+            raise ValueError(f"tag: <{self.tag}> is the tag of concept {seen[self.tag]!r}")
+        if self.recognition_check and not self.recognition:
+            raise ValueError("recognition_check needs recognition: true")
+        return self
 
 
 class EngineConfig(_Section):
@@ -152,10 +218,10 @@ class EngineConfig(_Section):
 class OutputConfig(_Section):
     path: str = Field(description="Output directory or fsspec URL for the Parquet dataset and _summary.json.")
     partition_by: list[str] = Field(["status"], description="Hive partition columns of the output.")
-    pers_qa_format: str = Field(
-        "Question: {question} Answer: {answer}",
-        description="Seed text form of one QA pair ('Question: {question}, Answer: {answer}' for the "
-        "reference code's / Chinese seed's form).")
+    pers_qa_format: Optional[str] = Field(
+        None, description="Seed text form of one QA pair; unset: the template file's ('Question: "
+        "{question} Answer: {answer}' in English, 'Question: {question}, Answer: {answer}' as the "
+        "Chinese seed writes it).")
     overwrite: bool = Field(False, description="Delete an existing output at `path` first.")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for a remote output path (like input.storage_options).")
@@ -170,7 +236,9 @@ class OutputConfig(_Section):
 
     @field_validator("pers_qa_format")
     @classmethod
-    def _format_fields(cls, v: str) -> str:
+    def _format_fields(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
         try:
             names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
         except ValueError as e:

@@ -5,10 +5,11 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -17,8 +18,10 @@ import ray
 from persqa_ray.config import ConfigError, PersQAConfig, load_config
 from persqa_ray.engines.base import EngineSpec
 from persqa_ray.io.filesystems import is_url, list_shards, parent_of
-from persqa_ray.io.readers import ReadOptions, read_shards_batch
+from persqa_ray import schema
+from persqa_ray.io.readers import ReadOptions, concept_values_batch, read_shards_batch
 from persqa_ray.io.writers import WriteOptions, prepare_output, summarize, write_committed, write_summary
+from persqa_ray.personalization.concepts import Concept, ConceptRegistry, load_tokenizer, vocab_collision
 from persqa_ray.personalization.templates import TemplateError
 from persqa_ray.stages.decode import DecodeOptions, DecodeStage
 from persqa_ray.stages.generate import AsyncGenerateStage, GenerateOptions, GenerateStage
@@ -38,6 +41,7 @@ class Plan:
     requests: RequestOptions
     decode: DecodeOptions
     generate: GenerateOptions
+    warnings: list[str] = field(default_factory=list)  # shown to the user and kept in _summary.json
 
 
 def _pool(concurrency, in_flight: int | None = None) -> ray.data.ActorPoolStrategy:
@@ -89,9 +93,17 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
         if cfg.input.paths_relative_to == "cwd":
             roots.append(cwd)
     roots = [os.path.abspath(os.path.expanduser(r)) for r in roots]
-    req = RequestOptions(tag_name=cfg.prompt.tag, seed=cfg.prompt.seed,
-                         questions_per_image=cfg.prompt.questions_per_image, language=cfg.prompt.language,
-                         templates_path=cfg.prompt.templates, system_prompt=cfg.prompt.system_prompt)
+    pr = cfg.prompt
+    registry = ConceptRegistry(default=pr.tag, registered=tuple(
+        Concept(name, f"<{c.tag or name}>", c.class_phrase, c.subject_type) for name, c in pr.concepts.items()))
+    req = RequestOptions(
+        tag_name=pr.tag, seed=pr.seed, questions_per_image=pr.questions_per_image, language=pr.language,
+        templates_path=pr.templates, system_prompt=pr.system_prompt, concepts=registry,
+        concept_column=schema.input_column_name(cfg.input.concept_column) if cfg.input.concept_column else None,
+        subject_type_column=(schema.input_column_name(cfg.input.subject_type_column)
+                             if cfg.input.subject_type_column else None),
+        detect_subject_type=pr.detect_subject_type, default_subject_type=pr.default_subject_type,
+        recognition=pr.recognition, recognition_check=pr.recognition_check, substitute=pr.substitute_class_phrase)
     try:
         ts = req.templates()
     except TemplateError as e:
@@ -104,6 +116,12 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
     elif model_path.startswith((".", "/", "~")):
         raise ConfigError(f"engine.model: {model_path} does not exist")
     cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"model": model_path})})
+    warnings = []
+    for name, problem in _tag_problems(cfg, [pr.tag] + [c.name for c in registry.registered]):
+        where = f"prompt.concepts.{name}" if name in pr.concepts else "prompt.tag"
+        if pr.tag_vocab_check == "error":
+            raise ConfigError(f"{where}: {problem} (prompt.tag_vocab_check: error)")
+        warnings.append(f"{where}: {problem}")
     return Plan(
         config=cfg, shards=shards,
         read=ReadOptions(image_column=cfg.input.image_column, id_column=cfg.input.id_column,
@@ -117,10 +135,56 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
                              max_images=cfg.engine.max_images_per_prompt, allowed_roots=tuple(roots),
                              allowed_schemes=tuple(s.lower() for s in cfg.input.allowed_schemes),
                              storage_options=dict(cfg.input.storage_options)),
-        generate=GenerateOptions(engine=engine_spec(cfg), model_name=cfg.engine.model,
-                                 system_prompt=req.render_system_prompt(), prompt_version=ts.prompt_version,
-                                 seed=cfg.prompt.seed, pers_qa_format=cfg.output.pers_qa_format,
-                                 max_retries=cfg.engine.max_retries, guided_prefix=cfg.engine.guided_prefix))
+        generate=GenerateOptions(engine=engine_spec(cfg), model_name=cfg.engine.model, requests=req,
+                                 prompt_version=ts.prompt_version, seed=cfg.prompt.seed,
+                                 pers_qa_format=cfg.output.pers_qa_format or ts.pers_qa_format,
+                                 max_retries=cfg.engine.max_retries, guided_prefix=cfg.engine.guided_prefix),
+        warnings=warnings)
+
+
+def _tag_problems(cfg: PersQAConfig, names: list[str]) -> list[tuple[str, str]]:
+    """(concept name, problem) for tags the model's tokenizer already knows (prompt.tag_vocab_check)."""
+    if cfg.prompt.tag_vocab_check == "off" or cfg.engine.kind != "vllm" or not names:
+        return []
+    tokenizer = load_tokenizer(cfg.engine.model)
+    if tokenizer is None:
+        return []
+    registry = {n: c for n, c in cfg.prompt.concepts.items()}
+    out = []
+    for name in dict.fromkeys(names):
+        problem = vocab_collision(tokenizer, registry[name].tag or name if name in registry else name)
+        if problem:
+            out.append((name, problem))
+    return out
+
+
+def discover_concepts(p: Plan) -> Plan:
+    """The input's concepts, found by a read-only pass over the concept column (Ray tasks; no
+    images are read): recognition needs them for 'No' pairs, and each new concept's tag is
+    checked against the vocabulary before work starts. Only when input.concept_column is set
+    and recognition or the vocabulary check is on."""
+    cfg, req = p.config, p.requests
+    if not req.concept_column or not (req.recognition or cfg.prompt.tag_vocab_check != "off"):
+        return p
+    items = [{"shard": s, "format": f} for s, f in p.shards]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(concept_values_batch, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"opts": p.read, "column": req.concept_column})
+    # Each shard batch already yields its distinct values: a union here, no shuffle needed.
+    known = sorted({b or cfg.prompt.tag for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow")
+                    for b in batch.column("concept").to_pylist()})
+    invalid, warnings = [], list(p.warnings)
+    registered = {c.name for c in req.registry.registered}
+    for name, problem in _tag_problems(cfg, [n for n in known if n not in registered]):
+        if cfg.prompt.tag_vocab_check == "error":
+            invalid.append((name, f"concept {name!r}: {problem}"))
+        else:
+            warnings.append(f"concept {name!r} (input): {problem}")
+    registry = dataclasses.replace(req.registry, known=tuple(known), invalid=tuple(invalid))
+    req = dataclasses.replace(req, concepts=registry)
+    log.info("concepts in the input: %d", len(known))
+    return dataclasses.replace(p, requests=req, generate=dataclasses.replace(p.generate, requests=req),
+                               warnings=warnings)
 
 
 def init_ray(cfg: PersQAConfig) -> None:
@@ -172,6 +236,7 @@ def build_dataset(config: Union[PersQAConfig, dict, str], _plan: Optional[Plan] 
     """The whole pipeline as a lazy Ray Dataset of output rows (nothing runs until consumed)."""
     p = _plan or plan(config)
     init_ray(p.config)
+    p = discover_concepts(p)
     stats = RunStats.remote()
     _STATS_HANDLES.append(stats)
     return _compose(p, stats)
@@ -189,6 +254,9 @@ def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> di
     resume = prepare_output(cfg)
     init_ray(cfg)
     started = time.time()
+    p = discover_concepts(p)
+    for w in p.warnings:
+        log.warning("%s", w)
     stats = RunStats.remote()
     # Row ids done earlier, as one sorted fixed-width array (compact, binary-searchable in tasks).
     done = np.unique(np.array(resume.done_row_ids, dtype=str)) if resume.done_row_ids else None
@@ -202,6 +270,6 @@ def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> di
     snapshot = ray.get(stats.snapshot.remote())
     ray.kill(stats)
     summary = summarize(cfg.output, snapshot, seconds, model=cfg.engine.model,
-                        orphans_removed=resume.orphans_removed)
+                        orphans_removed=resume.orphans_removed, warnings=p.warnings)
     write_summary(cfg.output, summary)
     return summary

@@ -14,6 +14,7 @@ MISSING_IMAGE = "missing_image"      # the file / object does not exist
 BAD_IMAGE = "bad_image"              # exists but cannot be decoded as an image
 IMAGE_TOO_LARGE = "image_too_large"  # byte size or declared pixel count over the limit
 DUPLICATE_ROW_ID = "duplicate_row_id"  # input.id_column value already used by another row
+BAD_CONCEPT = "bad_concept"          # the row's concept cannot get a usable tag
 # Failures of one QA row.
 ENGINE_ERROR = "engine_error"
 INVALID_OUTPUT = "invalid_output"
@@ -22,13 +23,18 @@ INVALID_OUTPUT = "invalid_output"
 OUTPUT_FIELDS = [
     pa.field("row_id", pa.string()),
     pa.field("qa_index", pa.int32()),
-    pa.field("concept", pa.string()),
+    pa.field("qa_type", pa.string()),           # open | recognition
+    pa.field("concept", pa.string()),           # the concept the question asks about
     pa.field("tag", pa.string()),
+    pa.field("image_concept", pa.string()),     # the concept the image shows (differs on "No" pairs)
     pa.field("subject_type", pa.string()),
+    pa.field("subject_type_source", pa.string()),  # column | concept | detected | default | unknown
     pa.field("question", pa.string()),
     pa.field("answer", pa.string()),
     pa.field("pers_qa", pa.string()),
     pa.field("template_id", pa.string()),
+    pa.field("label", pa.string()),             # recognition: yes | no (the truth, by construction)
+    pa.field("model_label", pa.string()),       # recognition_check: what the VLM answered
     pa.field("language", pa.string()),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
@@ -45,9 +51,8 @@ OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]
 INTERNAL_PREFIX = "_pq_"
 PIXELS = "_pq_pixels"        # list<large_binary>: raw RGB uint8, row-major
 SHAPES = "_pq_shapes"        # list<list<int32>>: [height, width] per image
-QUESTIONS = "_pq_questions"  # list<string>: k questions
-TEMPLATE_IDS = "_pq_template_ids"
-PROMPTS = "_pq_prompts"      # list<string>: k user messages
+ITEMS = "_pq_items"          # list<struct>: the row's QA items (stages/requests.py ITEM_TYPE)
+CLASS_PHRASE = "_pq_class_phrase"  # the concept's class phrase, if registered
 SOURCE = "_pq_source"        # shard path the row came from
 
 

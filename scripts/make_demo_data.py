@@ -12,28 +12,30 @@ import argparse
 import json
 from pathlib import Path
 
-# (name in skimage.data, subject type) - photos of a person, an animal, objects.
-PHOTOS = [("astronaut", "person"), ("chelsea", "animal"), ("coffee", "object"), ("rocket", "object"),
-          ("camera", "person"), ("horse", "animal"), ("hubble_deep_field", "object"),
-          ("immunohistochemistry", "object"), ("coins", "object"), ("retina", "object")]
+# (name in skimage.data, subject type, concept) - photos of a person, an animal, objects. Concept
+# names are rare words (they become tags like <eileen>; common words would clash with the vocabulary).
+PHOTOS = [("astronaut", "person", "eileen"), ("chelsea", "animal", "chelsea"), ("coffee", "object", "espresso"),
+          ("rocket", "object", "saturnv"), ("camera", "person", "lumiere"), ("horse", "animal", "bucephalus"),
+          ("hubble_deep_field", "object", "hubble"), ("immunohistochemistry", "object", "ihc"),
+          ("coins", "object", "coinage"), ("retina", "object", "retina")]
 BROKEN = "broken.jpg"      # a truncated JPEG: exists, cannot be decoded -> bad_image
 MISSING = "missing.jpg"    # never written -> missing_image
 
 
-def write_images(images_dir: Path) -> list[tuple[str, str]]:
+def write_images(images_dir: Path) -> list[tuple[str, str, str]]:
     import numpy as np
     from PIL import Image
     from skimage import data
 
     images_dir.mkdir(parents=True, exist_ok=True)
     out = []
-    for name, subject in PHOTOS:
+    for name, subject, concept in PHOTOS:
         path = images_dir / f"{name}.jpg"
         if not path.exists():
             arr = getattr(data, name)()
             im = Image.fromarray(np.asarray(arr))
             im.convert("RGB").save(path, quality=90)
-        out.append((path.name, subject))
+        out.append((path.name, subject, concept))
     broken = images_dir / BROKEN
     if not broken.exists():
         good = (images_dir / "astronaut.jpg").read_bytes()
@@ -45,11 +47,14 @@ def make(out: Path, rows: int = 12) -> dict:
     """Create the demo set with `rows` ordinary rows plus the special ones; returns a manifest."""
     out.mkdir(parents=True, exist_ok=True)
     photos = write_images(out / "images")
-    ordinary = [{"image": [f"images/{photos[i % len(photos)][0]}"], "subject": photos[i % len(photos)][1],
-                 "source": "skimage"} for i in range(rows)]
+    # Every third row leaves its subject type empty: the VLM detects it when the config asks.
+    ordinary = [{"image": [f"images/{photos[i % len(photos)][0]}"],
+                 "subject": None if i % 3 == 2 else photos[i % len(photos)][1],
+                 "concept": photos[i % len(photos)][2], "source": "skimage"} for i in range(rows)]
     jsonl_rows = ordinary[: rows // 2] + [
-        {"image": "images/coffee.jpg", "subject": "object", "source": "bare string path"},
-        {"image": ["images/astronaut.jpg", "images/chelsea.jpg"], "subject": "person", "source": "two images"},
+        {"image": "images/coffee.jpg", "subject": "object", "concept": "espresso", "source": "bare string path"},
+        {"image": ["images/astronaut.jpg", "images/chelsea.jpg"], "subject": "person", "concept": "eileen",
+         "source": "two images"},
         {"image": [f"images/{BROKEN}"], "subject": "object", "source": "broken file"},
         {"image": [f"images/{MISSING}"], "subject": "object", "source": "missing file"},
     ]

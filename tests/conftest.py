@@ -41,9 +41,16 @@ def demo_data(tmp_path_factory) -> tuple[Path, dict]:
     return d, make_demo_data.make(d, rows=18)
 
 
-def demo_config(data_dir, out_dir, model: str, **sections) -> dict:
-    """configs/demo.yaml with paths pointed at test directories and per-section overrides."""
+def demo_config(data_dir, out_dir, model: str, personalized: bool = False, **sections) -> dict:
+    """configs/demo.yaml with paths pointed at test directories and per-section overrides.
+
+    personalized=False (most tests): the seed's behaviour, one question per image and no
+    recognition pairs, so tests about IO, faults and resume stay small and fast."""
     cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    if not personalized:
+        cfg["prompt"] = {"tag": "mam", "seed": 0, "questions_per_image": 1}
+        for key in ("concept_column", "subject_type_column"):
+            cfg["input"].pop(key, None)
     cfg["input"]["path"] = str(data_dir)
     cfg["output"]["path"] = str(out_dir)
     cfg["engine"]["model"] = model
@@ -60,3 +67,16 @@ def engine(tiny_model):
                      max_tokens=16, temperature=0.7, seed=0)
     yield eng
     eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def personalized_run(tmp_path_factory, demo_data, tiny_model):
+    """configs/demo.yaml as shipped (concepts, subject detection, k=3, checked recognition pairs),
+    run once through the CLI; shared by the personalization, export and report tests."""
+    from tests.e2e.helpers import run_cli, write_config
+    data_dir, _ = demo_data
+    work = tmp_path_factory.mktemp("pers")
+    cfg = write_config(work / "run.yaml", demo_config(data_dir, work / "out", tiny_model, personalized=True))
+    proc = run_cli(["run", str(cfg)], cwd=work)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return work, data_dir, proc

@@ -75,7 +75,7 @@ def _records(storage) -> list[dict]:
 class PersQAGenerate:
     def __init__(self, llm_serving: LLMServingABC, *, tag: str = "mam", seed: int = 0,
                  questions_per_image: int = 1, language: str = "en",
-                 pers_qa_format: str = "Question: {question} Answer: {answer}",
+                 pers_qa_format: Optional[str] = None,
                  max_pixels: Optional[int] = None, allowed_roots: Optional[list[str]] = None,
                  max_retries: int = 2, execution: str = "auto", ray_threshold_rows: int = 20000):
         """Extra keyword arguments (all optional, defaults = the seed's behaviour plus fixes):

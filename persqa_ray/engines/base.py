@@ -21,6 +21,7 @@ class GenerationRequest:
     seed: Optional[int] = None        # per-request sampling seed (reproducible reruns)
     answer_prefix: Optional[str] = None  # structured output: the answer must begin with this
     prompt: Optional[str] = None      # an already chat-templated prompt (used as is when set)
+    choices: Optional[tuple[str, ...]] = None  # structured output: the answer is exactly one of these
 
 
 @dataclass

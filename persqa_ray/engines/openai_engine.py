@@ -59,7 +59,9 @@ class OpenAIEngine:
         messages = chat_messages(req, [{"type": "image_url", "image_url": {"url": data_url(img)}}
                                        for img in req.images])
         extra = {}
-        if req.answer_prefix and self.structured == "vllm":
+        if self.structured == "vllm" and req.choices:
+            extra["extra_body"] = {"structured_outputs": {"choice": list(req.choices)}}
+        elif self.structured == "vllm" and req.answer_prefix:
             extra["extra_body"] = {"structured_outputs": {"regex": prefix_regex(req.answer_prefix)}}
         loop = asyncio.get_running_loop()
         started = loop.time()

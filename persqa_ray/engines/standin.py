@@ -17,6 +17,9 @@ class StandInEngine:
         self.words = max(1, max_tokens)
 
     def _answer(self, req: GenerationRequest) -> GenerationResult:
+        if req.choices:
+            return GenerationResult(text=req.choices[0], num_input_tokens=len(req.user_prompt.split()),
+                                    num_output_tokens=1)
         prefix = req.answer_prefix or "<mam>"
         return GenerationResult(text=f"{prefix} " + " ".join(["word"] * self.words),
                                 num_input_tokens=len(req.user_prompt.split()), num_output_tokens=self.words)

@@ -112,7 +112,9 @@ class VLLMEngine:
 
     def _params(self, req: GenerationRequest):
         extra = {}
-        if req.answer_prefix:
+        if req.choices:
+            extra["structured_outputs"] = self._StructuredOutputsParams(choice=list(req.choices))
+        elif req.answer_prefix:
             extra["structured_outputs"] = self._StructuredOutputsParams(regex=prefix_regex(req.answer_prefix))
         seed = req.seed if self.per_request_seeds else None
         return self._SamplingParams(seed=seed, **self.sampling, **extra)

@@ -189,3 +189,13 @@ def read_shards_batch(batch: dict, opts: ReadOptions, stats=None, done=None) -> 
     """map_batches UDF over the shard list: each batch holds one or more (shard, format) items."""
     for shard, fmt in zip(batch["shard"], batch["format"]):
         yield from read_shard(str(shard), str(fmt), opts, stats, done)
+
+
+def concept_values_batch(batch: dict, opts: ReadOptions, column: str) -> Iterator[pa.Table]:
+    """map_batches UDF for the concept pre-pass: the distinct values of the concept column per
+    shard batch (empty values stand for the default concept and come back as '')."""
+    for shard, fmt in zip(batch["shard"], batch["format"]):
+        for table in read_shard(str(shard), str(fmt), opts):
+            values = table.column(column).to_pylist() if column in table.column_names else [None]
+            distinct = sorted({"" if v is None else str(v).strip() for v in values})
+            yield pa.table({"concept": pa.array(distinct, pa.string())})

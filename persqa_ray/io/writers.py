@@ -33,7 +33,8 @@ RUN_FILE = "_run.json"
 # Settings that decide what a row's output is: a resume with other values would mix two datasets.
 RUN_IDENTITY_FIELDS = ("prompt", "engine.model", "engine.max_tokens", "engine.temperature", "engine.top_p",
                        "engine.guided_prefix", "output.pers_qa_format", "output.partition_by",
-                       "input.image_column", "input.id_column")
+                       "input.image_column", "input.id_column", "input.concept_column",
+                       "input.subject_type_column")
 
 
 def _root(out_path: str, storage_options: Optional[dict]):
@@ -185,7 +186,10 @@ def read_output(path: str, columns: Optional[list[str]] = None,
     files = _data_files(fs, root)
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in (columns or ["row_id"])})
-    pfs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    # Local output: Arrow's own filesystem. Wrapping fsspec's local fs in a PyFileSystem makes
+    # Arrow's IO threads call back into Python, which can abort the interpreter at exit
+    # ("terminate called without an active exception", seen in the export CLI).
+    pfs = pafs.LocalFileSystem() if not is_url(path) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     part = pads.partitioning(flavor="hive")
     d = pads.dataset(files, filesystem=pfs, format="parquet", partitioning=part, partition_base_dir=root)
     schemas = [pads.dataset(f, filesystem=pfs, format="parquet").schema for f in files]
@@ -196,11 +200,42 @@ def read_output(path: str, columns: Optional[list[str]] = None,
     return d.to_table(columns=cols)
 
 
+def _counts(t: pa.Table, column: str, where: Optional[pa.Array] = None) -> dict[str, int]:
+    if column not in t.column_names or not t.num_rows:
+        return {}
+    col = t.column(column) if where is None else t.column(column).filter(where)
+    return {str(r["values"]): int(r["counts"]) for r in pc.value_counts(col).to_pylist()
+            if r["values"] is not None}
+
+
+def personalization_summary(t: pa.Table) -> dict[str, Any]:
+    """QA rows by type, rows by where their subject type came from, recognition labels and the
+    VLM's disagreements with them (recognition_check)."""
+    if "qa_type" not in t.column_names or not t.num_rows:
+        return {}
+    ok = pc.equal(t.column("status"), schema.OK)
+    first = pc.equal(t.column("qa_index"), 0)  # one row per input row
+    recognition = pc.and_(ok, pc.equal(t.column("qa_type"), "recognition"))
+    checked = pc.and_(recognition, pc.is_valid(t.column("model_label")))
+    disagree = pc.sum(pc.cast(pc.not_equal(t.column("label").filter(checked),
+                                           t.column("model_label").filter(checked)), pa.int64())).as_py()
+    return {
+        "qa_rows_by_type": _counts(t, "qa_type", ok),
+        "rows_by_subject_type": _counts(t, "subject_type", first),
+        "rows_by_subject_type_source": _counts(t, "subject_type_source", first),
+        "recognition_labels": _counts(t, "label", recognition),
+        "recognition_checked": int(pc.sum(pc.cast(checked, pa.int64())).as_py() or 0),
+        "recognition_disagreements": int(disagree or 0),
+        "questions_by_template": _counts(t, "template_id", ok),
+    }
+
+
 def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: str,
-              orphans_removed: int = 0) -> dict[str, Any]:
+              orphans_removed: int = 0, warnings: Optional[list[str]] = None) -> dict[str, Any]:
     """Counts from what is actually on disk, checked against what the readers saw."""
     t = read_output(out.path, ["row_id", "qa_index", "status", "question", "num_input_tokens",
-                               "num_output_tokens"], out.storage_options)
+                               "num_output_tokens", "qa_type", "subject_type", "subject_type_source",
+                               "label", "model_label", "template_id"], out.storage_options)
     status = t.column("status")
     ok = pc.equal(status, schema.OK)
     per_row = pa.table({"row_id": t.column("row_id"), "ok": pc.cast(ok, pa.int8())}).group_by("row_id") \
@@ -238,6 +273,8 @@ def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: s
         "output_tokens": out_tok,
         "output_tokens_per_second": round(out_tok / seconds, 1) if seconds > 0 else None,
         "output_path": out.path,
+        **personalization_summary(t),
+        "warnings": list(warnings or []),
     }
 
 
@@ -259,6 +296,16 @@ def human_summary(s: dict[str, Any]) -> str:
         lines.append(f"resumed: {s['rows_resumed']} rows were done by an earlier run and skipped")
     if s["errors_by_status"]:
         lines.append("errors: " + ", ".join(f"{k}={v}" for k, v in s["errors_by_status"].items()))
+    if s.get("qa_rows_by_type"):
+        lines.append("QA by type: " + ", ".join(f"{k}={v}" for k, v in s["qa_rows_by_type"].items())
+                     + "  subject types: " + ", ".join(f"{k}={v}" for k, v in s["rows_by_subject_type"].items())
+                     + "  (from " + ", ".join(f"{k}={v}" for k, v in s["rows_by_subject_type_source"].items()) + ")")
+    if s.get("recognition_labels"):
+        lines.append("recognition labels: " + ", ".join(f"{k}={v}" for k, v in s["recognition_labels"].items())
+                     + (f"  VLM disagreed on {s['recognition_disagreements']} of {s['recognition_checked']}"
+                        if s.get("recognition_checked") else ""))
+    for w in s.get("warnings", []):
+        lines.append(f"warning: {w}")
     if s["shard_errors"]:
         lines.append("unreadable shards: " + "; ".join(f"{k}: {v}" for k, v in s["shard_errors"].items()))
     lines.append(f"{s['seconds']} s, {s['rows_per_second']} rows/s, "

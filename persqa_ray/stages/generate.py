@@ -1,8 +1,9 @@
 """Generate stage (engine actor pool): one engine per actor, built once; answers validated here.
 
-Each input row that reached this stage with status ok leaves as exactly k QA rows, each `ok`,
-`invalid_output` (failed validation after engine.max_retries re-asks with new seeds) or
-`engine_error`. A row that failed earlier leaves as its one error row. Pixels are dropped here.
+Each input row that reached this stage with status ok leaves as one QA row per item (k open
+questions, plus recognition pairs), each `ok`, `invalid_output` (failed validation after
+engine.max_retries re-asks with new seeds) or `engine_error`. A row that failed earlier leaves as
+its one error row. Rows whose subject type is unknown ask the VLM first. Pixels are dropped here.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pyarrow as pa
 
 from persqa_ray import schema
 from persqa_ray.engines.base import EngineSpec, GenerationRequest, GenerationResult
-from persqa_ray.stages.validate import check_answer, format_pers_qa
+from persqa_ray.stages.requests import OPEN, RECOGNITION, RequestOptions, open_items
+from persqa_ray.stages.validate import check_answer, format_pers_qa, substitute_phrase
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 class GenerateOptions:
     engine: EngineSpec
     model_name: str
-    system_prompt: str
+    requests: RequestOptions   # prompts for subject detection, and open items of detected rows
     prompt_version: str
     seed: int
     pers_qa_format: str
@@ -47,66 +49,139 @@ def _images(pixels: list[bytes], shapes: list[list[int]]) -> list[np.ndarray]:
 
 @dataclass
 class _QA:
-    src: int            # row index in the input batch
+    src: int                      # row index in the input batch
     qa_index: int
-    question: Optional[str]
-    template_id: Optional[str]
-    prompt: Optional[str]
+    item: Optional[dict]          # None: the row failed before generation
     status: str
     error: Optional[str]
     answer: Optional[str] = None
+    model_label: Optional[str] = None
     attempts: int = 0
     in_tokens: int = 0
     out_tokens: int = 0
     latency: float = 0.0
 
+    def add_usage(self, res: GenerationResult) -> None:
+        self.in_tokens += res.num_input_tokens
+        self.out_tokens += res.num_output_tokens
+        self.latency += res.latency_s
+
 
 class _Work:
-    """One batch's QA rows and the requests still to (re)ask: the logic both stages share."""
+    """One batch's QA rows and the engine rounds they need: the logic both stages share.
+
+    `rounds()` is a generator: it yields a list of requests and is sent their results, so the
+    sync and the async stage drive the same sequence: subject detection (rows that need it),
+    then answers with re-asks for invalid ones (plus recognition checks in the first round).
+    """
 
     def __init__(self, batch: pa.Table, opts: GenerateOptions):
         self.opts = opts
         self.cols = {name: batch.column(name).to_pylist() for name in
-                     ("row_id", "status", "error", "tag", schema.QUESTIONS, schema.TEMPLATE_IDS, schema.PROMPTS)}
+                     ("row_id", "status", "error", "concept", "tag", "subject_type", "subject_type_source",
+                      schema.ITEMS)}
         pixels = batch.column(schema.PIXELS).to_pylist()
         shapes = batch.column(schema.SHAPES).to_pylist()
+        self.images = {i: _images(pixels[i], shapes[i])
+                       for i, status in enumerate(self.cols["status"]) if status == schema.OK}
+        self.detect_usage: dict[int, GenerationResult] = {}
         self.qas: list[_QA] = []
-        self.images: dict[int, list[np.ndarray]] = {}
+
+    # -- subject detection ------------------------------------------------------------------
+    def _classify_requests(self, rows: list[int]) -> list[GenerationRequest]:
+        ts = self.opts.requests.templates()
+        return [GenerationRequest(system_prompt=ts.classify_system_prompt, user_prompt=ts.classify_user_prompt,
+                                  images=self.images[i], choices=tuple(ts.classify_labels.values()),
+                                  seed=request_seed(self.opts.seed, self.cols["row_id"][i], -1, 0)) for i in rows]
+
+    def _apply_detection(self, rows: list[int], results: list[GenerationResult]) -> None:
+        o = self.opts.requests
+        by_label = {label.lower(): st for st, label in o.templates().classify_labels.items()}
+        for i, res in zip(rows, results):
+            self.detect_usage[i] = res
+            st = by_label.get((res.text or "").strip().lower()) if not res.error else None
+            if st is None:
+                log.warning("subject detection failed for row %s (%s): using the default",
+                            self.cols["row_id"][i], res.error or repr(res.text))
+            source = "detected" if st else ("default" if o.default_subject_type else "unknown")
+            st = st or o.default_subject_type
+            concept, _ = o.registry.resolve(self.cols["concept"][i])
+            self.cols["subject_type"][i], self.cols["subject_type_source"][i] = st, source
+            self.cols[schema.ITEMS][i] = open_items(o, self.cols["row_id"][i], concept, st) + \
+                list(self.cols[schema.ITEMS][i] or [])
+
+    # -- QA rows ------------------------------------------------------------------------------
+    def _build_qas(self) -> None:
         for i, status in enumerate(self.cols["status"]):
             if status != schema.OK:
-                self.qas.append(_QA(i, 0, None, None, None, status, self.cols["error"][i]))
+                self.qas.append(_QA(i, 0, None, status, self.cols["error"][i]))
                 continue
-            self.images[i] = _images(pixels[i], shapes[i])
-            for k, (q, t, p) in enumerate(zip(self.cols[schema.QUESTIONS][i], self.cols[schema.TEMPLATE_IDS][i],
-                                              self.cols[schema.PROMPTS][i])):
-                self.qas.append(_QA(i, k, q, t, p, schema.ENGINE_ERROR, "not generated"))
-        self.pending = [qa for qa in self.qas if qa.prompt is not None]
+            for k, item in enumerate(self.cols[schema.ITEMS][i]):
+                if item["qa_type"] == RECOGNITION:  # the answer is built from the label
+                    qa = _QA(i, k, item, schema.OK, None, answer=item["answer"], attempts=0)
+                else:
+                    qa = _QA(i, k, item, schema.ENGINE_ERROR, "not generated")
+                if k == 0 and i in self.detect_usage:
+                    qa.add_usage(self.detect_usage[i])  # detection tokens count against the row
+                self.qas.append(qa)
 
-    def requests(self, attempt: int) -> list[GenerationRequest]:
-        o = self.opts
-        return [GenerationRequest(
-            system_prompt=o.system_prompt, user_prompt=qa.prompt, images=self.images[qa.src],
-            seed=request_seed(o.seed, self.cols["row_id"][qa.src], qa.qa_index, attempt),
-            answer_prefix=self.cols["tag"][qa.src] if o.guided_prefix else None) for qa in self.pending]
+    def _answer_request(self, qa: _QA, attempt: int) -> GenerationRequest:
+        it = qa.item
+        return GenerationRequest(
+            system_prompt=it["system"], user_prompt=it["prompt"], images=self.images[qa.src],
+            seed=request_seed(self.opts.seed, self.cols["row_id"][qa.src], qa.qa_index, attempt),
+            answer_prefix=it["prefix"] if self.opts.guided_prefix else None)
 
-    def apply(self, attempt: int, results: list[GenerationResult]) -> None:
-        retry = []
-        for qa, res in zip(self.pending, results):
-            qa.attempts = attempt + 1
-            qa.in_tokens += res.num_input_tokens
-            qa.out_tokens += res.num_output_tokens
-            qa.latency += res.latency_s
-            if res.error:
-                qa.status, qa.error = schema.ENGINE_ERROR, res.error
-                retry.append(qa)
-                continue
-            answer, reason = check_answer(res.text, self.cols["tag"][qa.src])
-            if answer is None:
-                qa.status, qa.error = schema.INVALID_OUTPUT, reason
-                retry.append(qa)
-            else:
-                qa.status, qa.error, qa.answer = schema.OK, None, answer
-        self.pending = retry
+    def _check_request(self, qa: _QA) -> GenerationRequest:
+        labels = self.opts.requests.templates().recognition.check_labels
+        return GenerationRequest(system_prompt=qa.item["system"], user_prompt=qa.item["check"],
+                                 images=self.images[qa.src], choices=(labels["yes"], labels["no"]),
+                                 seed=request_seed(self.opts.seed, self.cols["row_id"][qa.src], qa.qa_index, 0))
+
+    def _apply_answer(self, qa: _QA, attempt: int, res: GenerationResult) -> bool:
+        """Record one answer; True if it must be asked again."""
+        qa.attempts = attempt + 1
+        qa.add_usage(res)
+        if res.error:
+            qa.status, qa.error = schema.ENGINE_ERROR, res.error
+            return True
+        it = qa.item
+        if self.opts.requests.substitute:
+            text = substitute_phrase(res.text, it["phrase"], it["tag"])
+            answer, reason = check_answer(text, it["tag"], question=it["question"])
+        else:
+            answer, reason = check_answer(res.text, it["tag"], question=it["question"], class_phrase=it["phrase"])
+        if answer is None:
+            qa.status, qa.error = schema.INVALID_OUTPUT, reason
+            return True
+        qa.status, qa.error, qa.answer = schema.OK, None, answer
+        return False
+
+    def _apply_check(self, qa: _QA, res: GenerationResult) -> None:
+        qa.add_usage(res)
+        labels = self.opts.requests.templates().recognition.check_labels
+        got = (res.text or "").strip().lower()
+        qa.model_label = next((k for k, v in labels.items() if got == v.lower()), None)
+
+    def rounds(self):
+        detect = [i for i in self.images if self.cols["subject_type_source"][i] == "detect"]
+        if detect:
+            self._apply_detection(detect, (yield self._classify_requests(detect)))
+        self._build_qas()
+        pending = [qa for qa in self.qas if qa.item is not None and qa.item["qa_type"] == OPEN]
+        checks = [qa for qa in self.qas if qa.item is not None and qa.item["check"]]
+        for attempt in range(self.opts.max_retries + 1):
+            asked = checks if attempt == 0 else []
+            if not pending and not asked:
+                break
+            results = yield [self._answer_request(qa, attempt) for qa in pending] + \
+                [self._check_request(qa) for qa in asked]
+            for qa, res in zip(asked, results[len(pending):]):
+                self._apply_check(qa, res)
+            pending = [qa for qa, res in zip(pending, results) if self._apply_answer(qa, attempt, res)]
+
+    def table(self, batch: pa.Table) -> pa.Table:
+        return _to_table(batch, self.cols, self.qas, self.opts)
 
 
 class _StageBase:
@@ -155,11 +230,14 @@ class GenerateStage(_StageBase):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         work = _Work(batch, self.opts)
-        for attempt in range(self.opts.max_retries + 1):
-            if not work.pending:
-                break
-            work.apply(attempt, self._run(work.requests(attempt)))
-        return _to_table(batch, work.qas, self.opts)
+        rounds = work.rounds()
+        try:
+            requests = next(rounds)
+            while True:
+                requests = rounds.send(self._run(requests))
+        except StopIteration:
+            pass
+        return work.table(batch)
 
 
 class AsyncGenerateStage(_StageBase):
@@ -194,32 +272,40 @@ class AsyncGenerateStage(_StageBase):
                 self.stats.record_max.remote("max_batches_in_flight", self.max_in_flight)
         try:
             work = _Work(batch, self.opts)
-            for attempt in range(self.opts.max_retries + 1):
-                if not work.pending:
-                    break
-                work.apply(attempt, await self._run(work.requests(attempt)))
-            return _to_table(batch, work.qas, self.opts)
+            rounds = work.rounds()
+            try:
+                requests = next(rounds)
+                while True:
+                    requests = rounds.send(await self._run(requests))
+            except StopIteration:
+                pass
+            return work.table(batch)
         finally:
             self.in_flight -= 1
 
 
-def _to_table(batch: pa.Table, qas: list[_QA], o: GenerateOptions) -> pa.Table:
+def _to_table(batch: pa.Table, cols: dict[str, list], qas: list[_QA], o: GenerateOptions) -> pa.Table:
     keep = [n for n in batch.column_names
             if n not in schema.OUTPUT_COLUMNS and not n.startswith(schema.INTERNAL_PREFIX)]
     out = batch.select(keep).take(pa.array([qa.src for qa in qas], pa.int64()))
-    src = {n: batch.column(n).to_pylist() for n in ("row_id", "concept", "tag", "subject_type", "language")}
+    item = (lambda qa, key, default=None: qa.item[key] if qa.item is not None else default)
     values = {
-        "row_id": [src["row_id"][qa.src] for qa in qas],
+        "row_id": [cols["row_id"][qa.src] for qa in qas],
         "qa_index": [qa.qa_index for qa in qas],
-        "concept": [src["concept"][qa.src] for qa in qas],
-        "tag": [src["tag"][qa.src] for qa in qas],
-        "subject_type": [src["subject_type"][qa.src] for qa in qas],
-        "question": [qa.question for qa in qas],
+        "qa_type": [item(qa, "qa_type") for qa in qas],
+        "concept": [item(qa, "concept", cols["concept"][qa.src]) for qa in qas],
+        "tag": [item(qa, "tag", cols["tag"][qa.src]) for qa in qas],
+        "image_concept": [cols["concept"][qa.src] for qa in qas],
+        "subject_type": [cols["subject_type"][qa.src] for qa in qas],
+        "subject_type_source": [cols["subject_type_source"][qa.src] for qa in qas],
+        "question": [item(qa, "question") for qa in qas],
         "answer": [qa.answer for qa in qas],
-        "pers_qa": [format_pers_qa(o.pers_qa_format, qa.question, qa.answer) if qa.answer else None
+        "pers_qa": [format_pers_qa(o.pers_qa_format, qa.item["question"], qa.answer) if qa.answer else None
                     for qa in qas],
-        "template_id": [qa.template_id for qa in qas],
-        "language": [src["language"][qa.src] for qa in qas],
+        "template_id": [item(qa, "template_id") for qa in qas],
+        "label": [item(qa, "label") for qa in qas],
+        "model_label": [qa.model_label for qa in qas],
+        "language": [o.requests.language] * len(qas),
         "status": [qa.status for qa in qas],
         "error": [qa.error for qa in qas],
         "model": [o.model_name] * len(qas),
@@ -232,6 +318,5 @@ def _to_table(batch: pa.Table, qas: list[_QA], o: GenerateOptions) -> pa.Table:
     }
     arrays = {f.name: pa.array(values[f.name], f.type) for f in schema.OUTPUT_FIELDS}
     names = ["row_id", "qa_index"] + keep + [f.name for f in schema.OUTPUT_FIELDS[2:]]
-    cols = [arrays[n] if n in arrays else out.column(n) for n in names]
-    return pa.Table.from_arrays(cols, names=names)
-
+    cols_out = [arrays[n] if n in arrays else out.column(n) for n in names]
+    return pa.Table.from_arrays(cols_out, names=names)

@@ -1,7 +1,9 @@
 """Validate model answers and format the seed's `pers_qa` text.
 
 Pure functions: the generate stage calls them right after each engine call, because a failing
-answer is re-asked (new seed) on the same engine before the row is written.
+answer is re-asked (new seed) on the same engine before the row is written. An answer passes
+when it starts with the tag, says something after it, is not a refusal, does not call the subject
+by its class phrase instead of the tag, and is not just the question said back.
 """
 from __future__ import annotations
 
@@ -9,9 +11,23 @@ import re
 from typing import Optional
 
 _WORD = re.compile(r"\w", re.UNICODE)
+_NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
+# Refusals and assistant boilerplate, checked at the start of the answer (after the tag) or, for
+# the unmistakable ones, anywhere in it.
+_REFUSAL_START = re.compile(
+    r"^\W*(i\s*(can(no|')?t|cannot|am\s+(unable|not\s+able)|'m\s+(unable|not\s+able|sorry)|"
+    r"do\s*n[o']?t\s+know|apologi[sz]e)|sorry|unfortunately|抱歉|对不起|很抱歉|我无法|我不能|我没法|无法)",
+    re.IGNORECASE)
+_REFUSAL_ANYWHERE = re.compile(
+    r"as an ai|as a language model|i am an ai|i'm an ai|作为(一个)?(人工智能|AI|语言模型)", re.IGNORECASE)
 
 
-def check_answer(text: Optional[str], tag: str) -> tuple[Optional[str], Optional[str]]:
+def _norm(text: str, tag: str) -> str:
+    return _NON_WORD.sub(" ", text.replace(tag, " ")).strip().lower()
+
+
+def check_answer(text: Optional[str], tag: str, *, question: Optional[str] = None,
+                 class_phrase: Optional[str] = None) -> tuple[Optional[str], Optional[str]]:
     """(clean answer, None) when valid, else (None, reason)."""
     if text is None:
         return None, "no text returned"
@@ -20,9 +36,26 @@ def check_answer(text: Optional[str], tag: str) -> tuple[Optional[str], Optional
         return None, "empty answer"
     if not answer.startswith(tag):
         return None, f"answer does not start with {tag}: {answer[:60]!r}"
-    if not _WORD.search(answer[len(tag):]):
+    rest = answer[len(tag):]
+    if not _WORD.search(rest):
         return None, f"answer has nothing after {tag}"
+    if _REFUSAL_START.search(rest) or _REFUSAL_ANYWHERE.search(answer):
+        return None, f"answer is a refusal: {answer[:60]!r}"
+    if class_phrase and re.search(re.escape(class_phrase), rest, re.IGNORECASE):
+        return None, f"answer calls the subject {class_phrase!r} instead of {tag}"
+    if question:
+        a, q = _norm(answer, tag), _norm(question, tag)
+        if a and (a == q or (len(a) < len(q) and q.startswith(a))):
+            return None, "answer repeats the question"
     return answer, None
+
+
+def substitute_phrase(text: Optional[str], phrase: str, tag: str) -> Optional[str]:
+    """MyVLM's substitution: every mention of the class phrase ("The cat", "the cat's") becomes
+    the tag. Case-insensitive; no word boundaries, so it works for Chinese phrases too."""
+    if text is None:
+        return None
+    return re.sub(re.escape(phrase), lambda _: tag, text.strip(), flags=re.IGNORECASE)
 
 
 def format_pers_qa(fmt: str, question: str, answer: str) -> str:

@@ -57,16 +57,20 @@ def vllm_server(tiny_model, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def openai_config(data_dir, out, server, **engine):
+def openai_config(data_dir, out, server, prompt=None, **engine):
     e = {"kind": "openai", "model": "tiny", "base_url": server["base_url"], "api_key_env": "PERSQA_TEST_API_KEY",
          "num_cpus": 0.5, "max_concurrency": 8, "request_timeout_s": 30, "max_attempts": 3, "backoff_s": 0.2}
     e.update(engine)
-    return demo_config(data_dir, out, "tiny", engine=e)
+    cfg = demo_config(data_dir, out, "tiny", engine=e)
+    cfg["prompt"].update(prompt or {})
+    return cfg
 
 
 def test_pipeline_through_vllm_serve(vllm_server, demo_data, tmp_path):
     data_dir, manifest = demo_data
-    cfg = write_config(tmp_path / "o.yaml", openai_config(data_dir, tmp_path / "out", vllm_server))
+    # Subject detection too: the server's structured output ("choice") must give one of the labels.
+    cfg = write_config(tmp_path / "o.yaml", openai_config(data_dir, tmp_path / "out", vllm_server,
+                                                          prompt={"detect_subject_type": True}))
     os.environ["PERSQA_TEST_API_KEY"] = API_KEY
     try:
         proc = run_cli(["run", str(cfg)], cwd=tmp_path)
@@ -80,6 +84,10 @@ def test_pipeline_through_vllm_serve(vllm_server, demo_data, tmp_path):
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == manifest["rows"] - 2
     assert all(r["answer"].startswith("<mam>") for r in ok)  # the server's structured output
+    assert all(r["subject_type_source"] == "detected" and r["subject_type"] in ("person", "animal", "object")
+               for r in ok)
+    assert all(r["template_id"].rsplit("-", 1)[0] in ("en-act", "en-scn", f"en-app-{r['subject_type'][0]}")
+               for r in ok)
     assert all(r["num_input_tokens"] > 0 and r["num_output_tokens"] > 0 and r["latency_s"] > 0 for r in ok)
     two = [r for r in ok if r["source"] == "two images"][0]
     one = [r for r in ok if r["source"] == "skimage"][0]

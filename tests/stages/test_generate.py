@@ -6,16 +6,17 @@ from skimage import data
 
 from persqa_ray import schema
 from persqa_ray.engines.base import EngineSpec
+from persqa_ray.personalization.concepts import Concept, ConceptRegistry
 from persqa_ray.stages.generate import GenerateOptions, GenerateStage, request_seed
 from persqa_ray.stages.requests import RequestOptions, build_requests
 
 
-def decoded_batch(k):
+def decoded_batch(k, ro=None, **extra_columns):
     arr = np.asarray(Image.fromarray(data.chelsea()).resize((224, 140)))
     rows = {"row_id": ["r0", "r1", "r2"], "image": [["a.jpg"], ["a.jpg", "b.jpg"], ["gone.jpg"]],
             "caption": ["cat", "two", "x"], "status": [schema.OK, schema.OK, schema.MISSING_IMAGE],
-            "error": [None, None, "gone.jpg: no such file"]}
-    t = build_requests(pa.table(rows), RequestOptions("mam", 0, k, "en"))
+            "error": [None, None, "gone.jpg: no such file"], **extra_columns}
+    t = build_requests(pa.table(rows), ro or RequestOptions("mam", 0, k, "en"))
     px = [[arr.tobytes()], [arr.tobytes(), arr.tobytes()], []]
     sh = [[[140, 224]], [[140, 224], [140, 224]], []]
     return (t.append_column(schema.PIXELS, pa.array(px, pa.list_(pa.large_binary())))
@@ -23,7 +24,7 @@ def decoded_batch(k):
 
 
 def opts(**kw):
-    base = dict(engine=EngineSpec("vllm"), model_name="tiny", system_prompt="Begin with <mam>.",
+    base = dict(engine=EngineSpec("vllm"), model_name="tiny", requests=RequestOptions("mam", 0, 1, "en"),
                 prompt_version="v", seed=0, pers_qa_format="Question: {question} Answer: {answer}",
                 max_retries=1, guided_prefix=True)
     base.update(kw)
@@ -60,3 +61,44 @@ def test_unguided_random_text_is_retried_then_flagged(engine):
 def test_request_seed_stable_and_distinct():
     assert request_seed(0, "r", 0, 0) == request_seed(0, "r", 0, 0)
     assert len({request_seed(0, "r", q, a) for q in range(3) for a in range(3)}) == 9
+
+
+def test_subject_type_detected_by_the_vlm_picks_the_families(engine):
+    # The real tiny model answers the classification request under a choice constraint, so the
+    # label is always one of the three; the open questions are then drawn for that type.
+    ro = RequestOptions("mam", 0, 3, "en", detect_subject_type=True, recognition=True)
+    out = GenerateStage(opts(requests=ro), engine=engine)(decoded_batch(3, ro)).to_pylist()
+    rows = [r for r in out if r["row_id"] != "r2"]
+    assert len(rows) == 8   # 3 open + 1 recognition (one concept: no negative) per ok row
+    for r in rows:
+        assert r["subject_type_source"] == "detected" and r["subject_type"] in ("person", "animal", "object")
+    for rid in ("r0", "r1"):
+        mine = [r for r in rows if r["row_id"] == rid]
+        st = mine[0]["subject_type"]
+        families = {r["template_id"].rsplit("-", 1)[0] for r in mine if r["qa_type"] == "open"}
+        assert families == {"en-act", "en-scn", f"en-app-{st[0]}"}
+        assert [r["qa_type"] for r in mine] == ["open", "open", "open", "recognition"]
+        assert mine[3]["answer"] == "Yes, <mam> is in this photo." and mine[3]["label"] == "yes"
+    # the detection request's tokens are counted on the row's first QA row
+    assert rows[0]["num_input_tokens"] > rows[1]["num_input_tokens"]
+
+
+def test_recognition_check_asks_yes_no_and_substitution_puts_tags_in(engine):
+    reg = ConceptRegistry(default="mam", registered=(Concept("bo", "<bo>", "the dog", "animal"),),
+                          known=("bo", "mam"))
+    ro = RequestOptions("mam", 0, 1, "en", concepts=reg, concept_column="who", recognition=True,
+                        recognition_check=True, substitute=True)
+    batch = decoded_batch(1, ro, who=["bo", None, "bo"])
+    rows = GenerateStage(opts(requests=ro), engine=engine)(batch).to_pylist()
+    ok = [r for r in rows if r["row_id"] != "r2"]
+    assert [r["qa_type"] for r in ok] == ["open", "recognition", "recognition"] * 2
+    for r in ok:
+        if r["qa_type"] == "recognition":
+            assert r["model_label"] in ("yes", "no") and r["num_output_tokens"] >= 1
+            assert r["image_concept"] != r["concept"] if r["label"] == "no" else r["image_concept"] == r["concept"]
+        else:
+            assert r["status"] == schema.OK, r["error"]
+            assert r["answer"].startswith(r["tag"]) and r["tag"] in r["question"]
+            assert "the dog" not in r["answer"].lower() and "the person" not in r["answer"].lower()
+    assert ok[0]["tag"] == "<bo>" and ok[3]["tag"] == "<mam>"
+    assert {r["concept"] for r in ok if r["label"] == "no"} == {"bo", "mam"}

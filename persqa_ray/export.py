@@ -1,0 +1,161 @@
+"""`persqa-ray export`: training files from an output dataset (its `ok` QA rows only).
+
+Formats:
+- llava: a JSON list of {id, image, conversations: [{from: human|gpt, value}]}, one conversation
+  per image with all its QA pairs as turns; the first human turn starts with "<image>\\n".
+- sharegpt: a JSON list of {id, messages: [{role: user|assistant, content}], images} (the
+  multimodal ShareGPT layout LLaMA-Factory reads; one "<image>" per image in the first turn).
+- jsonl: one QA pair per line with its concept, type, label and template.
+A split (`concept:0.8`) puts whole concepts on one side: no concept's images or tag appear in both
+files. A "No" recognition pair joins its image's side only when the concept it asks about is on
+the same side; otherwise it is dropped (and counted).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any, Optional
+
+import pyarrow.compute as pc
+
+from persqa_ray import schema
+from persqa_ray.io.filesystems import filesystem, is_url
+from persqa_ray.io.writers import read_output
+
+FORMATS = ("llava", "sharegpt", "jsonl")
+_JSONL_FIELDS = ("row_id", "qa_index", "image", "qa_type", "concept", "tag", "image_concept", "subject_type",
+                 "label", "question", "answer", "pers_qa", "template_id", "language")
+
+
+class ExportError(ValueError):
+    pass
+
+
+def parse_split(spec: Optional[str]) -> Optional[float]:
+    if not spec:
+        return None
+    kind, _, frac = spec.partition(":")
+    try:
+        value = float(frac)
+    except ValueError:
+        value = -1.0
+    if kind != "concept" or not 0 < value < 1:
+        raise ExportError(f"--split {spec!r}: expected concept:FRACTION with 0 < FRACTION < 1, e.g. concept:0.8")
+    return value
+
+
+def ok_rows(output: str, storage_options: Optional[dict] = None) -> list[dict]:
+    t = read_output(output, None, storage_options)
+    if "status" not in t.column_names or not t.num_rows:
+        raise ExportError(f"{output}: no output rows found")
+    t = t.filter(pc.equal(t.column("status"), schema.OK))
+    t = t.sort_by([("row_id", "ascending"), ("qa_index", "ascending")])
+    return t.to_pylist()
+
+
+def _image_refs(row: dict, image_root: Optional[str]) -> list[str]:
+    refs = list(row.get("image") or [])
+    if image_root:
+        root = os.path.abspath(image_root)
+        refs = [os.path.relpath(r, root) if not is_url(r) and os.path.abspath(r).startswith(root + os.sep) else r
+                for r in refs]
+    return refs
+
+
+def _conversations(rows: list[dict]) -> dict[str, list[dict]]:
+    by_image: dict[str, list[dict]] = {}
+    for r in rows:
+        by_image.setdefault(r["row_id"], []).append(r)
+    return by_image
+
+
+def to_llava(rows: list[dict], image_root: Optional[str] = None) -> list[dict]:
+    out = []
+    for row_id, qas in _conversations(rows).items():
+        images = _image_refs(qas[0], image_root)
+        turns = []
+        for i, qa in enumerate(qas):
+            question = ("<image>\n" * len(images) if i == 0 else "") + qa["question"]
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": qa["answer"]}]
+        out.append({"id": row_id, "image": images[0] if len(images) == 1 else images, "conversations": turns})
+    return out
+
+
+def to_sharegpt(rows: list[dict], image_root: Optional[str] = None) -> list[dict]:
+    out = []
+    for row_id, qas in _conversations(rows).items():
+        images = _image_refs(qas[0], image_root)
+        messages = []
+        for i, qa in enumerate(qas):
+            question = ("<image>" * len(images) if i == 0 else "") + qa["question"]
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": qa["answer"]}]
+        out.append({"id": row_id, "messages": messages, "images": images})
+    return out
+
+
+def to_jsonl(rows: list[dict], image_root: Optional[str] = None) -> list[dict]:
+    return [{**{k: r.get(k) for k in _JSONL_FIELDS}, "image": _image_refs(r, image_root)} for r in rows]
+
+
+def split_by_concept(rows: list[dict], train_fraction: float, seed: int = 0) -> tuple[dict[str, list[dict]], dict]:
+    concepts = sorted({r["image_concept"] for r in rows if r.get("image_concept") is not None})
+    if len(concepts) < 2:
+        raise ExportError(f"a concept split needs at least 2 concepts; the output has {len(concepts)}")
+    random.Random(f"persqa-split:{seed}").shuffle(concepts)
+    n_train = min(len(concepts) - 1, max(1, round(train_fraction * len(concepts))))
+    side = {c: ("train" if i < n_train else "test") for i, c in enumerate(concepts)}
+    parts: dict[str, list[dict]] = {"train": [], "test": []}
+    dropped = 0
+    for r in rows:
+        s = side[r["image_concept"]]
+        if side.get(r["concept"], s) != s:
+            dropped += 1  # a "No" pair about a concept on the other side would leak its tag
+            continue
+        parts[s].append(r)
+    info = {"train_concepts": sorted(c for c, s in side.items() if s == "train"),
+            "test_concepts": sorted(c for c, s in side.items() if s == "test"),
+            "cross_split_pairs_dropped": dropped}
+    return parts, info
+
+
+def _split_path(path: str, part: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.{part}{ext}"
+
+
+def _write(records: list[dict], fmt: str, path: str, storage_options: Optional[dict]) -> None:
+    fs, p = filesystem(path if is_url(path) else os.path.abspath(path), storage_options)
+    parent = p.rsplit("/", 1)[0]
+    if parent and not is_url(path):
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(p, "w", encoding="utf-8") as f:
+        if fmt == "jsonl":
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        else:
+            json.dump(records, f, ensure_ascii=False, indent=1)
+
+
+def export(output: str, fmt: str, out: str, split: Optional[str] = None, seed: int = 0,
+           storage_options: Optional[dict] = None, image_root: Optional[str] = None) -> dict[str, Any]:
+    """Write the export; returns {file: record count} plus split details."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
+    fraction = parse_split(split)
+    rows = ok_rows(output, storage_options)
+    build = {"llava": to_llava, "sharegpt": to_sharegpt, "jsonl": to_jsonl}[fmt]
+    result: dict[str, Any] = {"qa_rows": len(rows), "files": {}}
+    if fraction is None:
+        records = build(rows, image_root)
+        _write(records, fmt, out, storage_options)
+        result["files"][out] = len(records)
+        return result
+    parts, info = split_by_concept(rows, fraction, seed)
+    result.update(info)
+    for part, part_rows in parts.items():
+        path = _split_path(out, part)
+        records = build(part_rows, image_root)
+        _write(records, fmt, path, storage_options)
+        result["files"][path] = len(records)
+    return result
