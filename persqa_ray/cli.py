@@ -1,4 +1,4 @@
-"""`persqa-ray run|validate|export` (and `python -m persqa_ray ...`)."""
+"""`persqa-ray run|validate|export|report` (and `python -m persqa_ray ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             s.add_argument("--overwrite", action="store_true", help="replace an existing output")
             s.add_argument("--json", action="store_true", help="print the summary as JSON")
+            s.add_argument("--dry-run", action="store_true", help="print the resolved config and the first "
+                           "requests (templates, prompts) without starting Ray or an engine")
         else:
             s.add_argument("--explain", action="store_true", help="list every config field with its description")
     e = sub.add_parser("export", help="write training files (LLaVA, ShareGPT, JSONL) from an output")
@@ -33,7 +35,53 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--image-root", help="write image paths relative to this directory")
     e.add_argument("--storage-options", default="{}", help="fsspec options as JSON (s3 endpoint, region, ...)")
     e.add_argument("--log-level", default="WARNING")
+    r = sub.add_parser("report", help="one self-contained HTML page: gallery, summary, plots")
+    r.add_argument("output", help="output directory or URL of a run")
+    r.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    r.add_argument("--sample", type=int, default=24, help="rows shown in the gallery (default 24)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    r.add_argument("--storage-options", default="{}", help="fsspec options as JSON (s3 endpoint, region, ...)")
+    r.add_argument("--log-level", default="WARNING")
     return p
+
+
+def _report(args) -> int:
+    from persqa_ray.export import ExportError
+    from persqa_ray.report import build_report
+    try:
+        result = build_report(args.output, args.out, sample=args.sample, seed=args.seed,
+                              storage_options=json.loads(args.storage_options))
+    except (ExportError, json.JSONDecodeError) as e:
+        print(f"persqa-ray report: {e}", file=sys.stderr)
+        return 2
+    print(f"{result['path']}: {result['rows']} output rows, {result['sampled']} sampled rows, "
+          f"{result['real_images']} with their image")
+    return 0
+
+
+def _masked(tree):
+    """The resolved config for printing: storage options show their keys, never their values."""
+    for section in ("input", "output"):
+        opts = tree.get(section, {}).get("storage_options")
+        if opts:
+            tree[section]["storage_options"] = {k: "***" for k in opts}
+    return tree
+
+
+def _dry_run(cfg) -> int:
+    import yaml
+    from persqa_ray.pipeline import plan, preview
+    p = plan(cfg)
+    print("# resolved config")
+    print(yaml.safe_dump(_masked(p.config.model_dump(mode="json")), sort_keys=False, allow_unicode=True))
+    print(f"# {len(p.shards)} input shard(s); first requests (no Ray, no engine started)")
+    for w in p.warnings:
+        print(f"# warning: {w}")
+    if p.requests.recognition and p.requests.concept_column:
+        print("# 'No' recognition pairs need the run's concept pass over the input: not shown here")
+    for r in preview(p):
+        print(yaml.safe_dump(r, sort_keys=False, allow_unicode=True, width=120))
+    return 0
 
 
 def _export(args) -> int:
@@ -58,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.command == "export":
         return _export(args)
+    if args.command == "report":
+        return _report(args)
     from persqa_ray.config import ConfigError, describe_fields, load_config
 
     overrides = list(args.overrides) + (["output.overwrite=true"] if getattr(args, "overwrite", False) else [])
@@ -72,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                 for name, default, desc in describe_fields():
                     print(f"{name} = {default}\n    {desc}")
             return 0
+        if args.dry_run:
+            return _dry_run(cfg)
         if args.quiet:
             os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # read when ray.data configures logging
             os.environ["PERSQA_QUIET"] = "1"
         from persqa_ray.pipeline import run
         from persqa_ray.io.writers import human_summary

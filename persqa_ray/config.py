@@ -90,6 +90,9 @@ class ImageConfig(_Section):
         0.5, gt=0, description="CPUs reserved per decode actor. Fractional on small machines so the "
         "read tasks keep a CPU (an all-CPU actor pool starves them and the job hangs).")
     batch_size: int = Field(16, gt=0, description="Rows per decode batch.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each decode actor needs (e.g. {cpu_pool: 1} "
+        "to place decoding on the nodes that declare them with `ray start --resources`).")
 
 
 class ConceptConfig(_Section):
@@ -173,6 +176,9 @@ class EngineConfig(_Section):
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per engine actor.")
     concurrency: Union[int, tuple[int, int]] = Field(
         1, description="Engine actor pool size: N, or [min, max]. One engine per actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each engine actor needs (placement on "
+        "chosen nodes, like image.resources).")
     batch_size: int = Field(16, gt=0, description="Rows per generate batch handed to one engine call.")
     async_engine: bool = Field(
         True, description="Use vLLM's async engine with several batches in flight per actor (image "

@@ -187,20 +187,46 @@ def discover_concepts(p: Plan) -> Plan:
                                warnings=warnings)
 
 
+def preview(p: Plan, n: int = 3) -> list[dict[str, Any]]:
+    """The first n rows' requests, built on the driver with no Ray and no engine (--dry-run)."""
+    from persqa_ray.io.readers import read_shard
+    out: list[dict[str, Any]] = []
+    for shard, fmt in p.shards:
+        for table in read_shard(shard, fmt, p.read):
+            table = build_requests(table.slice(0, n - len(out)), p.requests)
+            for r in table.to_pylist():
+                items = r[schema.ITEMS]
+                out.append({
+                    "row_id": r["row_id"], "image": r["image"], "status": r["status"], "error": r["error"],
+                    "concept": r["concept"], "tag": r["tag"], "subject_type": r["subject_type"],
+                    "subject_type_source": r["subject_type_source"],
+                    "items": [{k: it[k] for k in ("qa_type", "template_id", "question", "prompt", "answer")
+                               if it[k] is not None} for it in items],
+                    "system_prompt": items[0]["system"] if items else None})
+            if len(out) >= n:
+                return out
+    return out
+
+
 def init_ray(cfg: PersQAConfig) -> None:
     """Join the configured cluster, the one a `ray job submit` runs in, or start a local Ray."""
     check_ray()
     if ray.is_initialized():
         return
-    log_to_driver = os.environ.get("PERSQA_QUIET") != "1"  # --quiet: no worker/engine log lines
+    quiet = os.environ.get("PERSQA_QUIET") == "1"  # --quiet: no worker/engine/Ray Data log lines
+    level = logging.WARNING if quiet else logging.INFO
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray.address or None, log_to_driver=log_to_driver)
+        ray.init(address=cfg.ray.address or None, log_to_driver=not quiet, logging_level=level)
         return
     # Small machines: more logical CPUs than cores, so actors holding "all" CPUs cannot starve
     # the read tasks (a measured deadlock on 2 cores; shared/ENVIRONMENT.md).
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
     ray.init(num_cpus=num_cpus, object_store_memory=cfg.ray.object_store_memory,
-             include_dashboard=False, log_to_driver=log_to_driver)
+             include_dashboard=False, log_to_driver=not quiet, logging_level=level)
+    if quiet:  # Ray Data configures its loggers at init
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _compose(p: Plan, stats, done=None) -> ray.data.Dataset:
@@ -215,16 +241,18 @@ def _compose(p: Plan, stats, done=None) -> ray.data.Dataset:
     # committed) as one block: split into blocks of input.block_rows (streaming, no shuffle). The
     # engine stage then emits one block per input block, and the writer commits each one.
     ds = ds.repartition(target_num_rows_per_block=cfg.input.block_rows)
-    ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"opts": p.decode},
+    ds = ds.map_batches(DecodeStage, fn_constructor_kwargs={"opts": p.decode, "stats": stats},
                         batch_size=cfg.image.batch_size, batch_format="pyarrow",
-                        compute=_pool(cfg.image.concurrency), num_cpus=cfg.image.num_cpus)
+                        compute=_pool(cfg.image.concurrency), num_cpus=cfg.image.num_cpus,
+                        resources=dict(cfg.image.resources) or None)
     remote = cfg.engine.kind in ("openai", "standin")  # CPU actors: no GPU, always async
     asynchronous = remote or cfg.engine.async_engine
     ds = ds.map_batches(AsyncGenerateStage if asynchronous else GenerateStage,
                         fn_constructor_kwargs={"opts": p.generate, "stats": stats},
                         batch_size=cfg.engine.batch_size, batch_format="pyarrow",
                         compute=_pool(cfg.engine.concurrency, cfg.engine.max_batches_in_flight if asynchronous else None),
-                        num_cpus=cfg.engine.num_cpus, num_gpus=None if remote else (cfg.engine.num_gpus or None))
+                        num_cpus=cfg.engine.num_cpus, num_gpus=None if remote else (cfg.engine.num_gpus or None),
+                        resources=dict(cfg.engine.resources) or None)
     return ds
 
 

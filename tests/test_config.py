@@ -49,6 +49,6 @@ def test_every_field_is_described():
 
 
 def test_shipped_configs_validate(repo_root):
-    for name in ("demo.yaml", "gpu.yaml"):
+    for name in ("demo.yaml", "gpu.yaml", "cluster.yaml"):
         cfg = load_config(repo_root / "configs" / name)
         assert cfg.engine.kind == "vllm"

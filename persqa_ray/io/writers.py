@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -175,7 +176,7 @@ def write_committed(batch: pa.Table, opts: WriteOptions) -> pa.Table:
         written.append(rel)
     fs.makedirs(f"{root}/{COMMITS_DIR}", exist_ok=True)
     with fs.open(commit, "w") as f:
-        json.dump({"files": written, "rows": batch.num_rows}, f)
+        json.dump({"files": written, "rows": batch.num_rows, "committed_at": round(time.time(), 3)}, f)
     return pa.table({"rows": [batch.num_rows]})
 
 
@@ -264,6 +265,7 @@ def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: s
         "shards": stats.get("shards", 0),
         "shard_errors": stats.get("shard_errors", {}),
         "engine_restarts": stats.get("engine_restarts", 0),
+        "nodes": stats.get("nodes", {}),
         "max_batches_in_flight": stats.get("max_batches_in_flight", 1 if t.num_rows else 0),
         "orphan_files_removed": orphans_removed,
         "model": model,

@@ -10,6 +10,7 @@ import io
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 
 import numpy as np
@@ -171,9 +172,12 @@ class ImageDecoder:
 class DecodeStage:
     """Ray Data callable class: one per actor; batches in and out as pyarrow tables."""
 
-    def __init__(self, opts: DecodeOptions):
+    def __init__(self, opts: DecodeOptions, stats: Any = None):
         self.decoder = ImageDecoder(opts)
         self.max_images = opts.max_images
+        if stats is not None:
+            import ray
+            stats.actor_started.remote("decode", ray.get_runtime_context().get_node_id())
 
     def _decode_row(self, refs: list[str]) -> tuple[list[bytes], list[list[int]]]:
         if len(refs) > self.max_images:

@@ -193,6 +193,9 @@ class _StageBase:
         # otherwise the actor builds its own from the spec, once.
         self._owns_engine = engine is None
         self.engine = engine if engine is not None else opts.engine.build()
+        if stats is not None:
+            import ray
+            stats.actor_started.remote("generate", ray.get_runtime_context().get_node_id())
 
     def _alive(self) -> bool:
         return getattr(self.engine, "alive", lambda: True)()

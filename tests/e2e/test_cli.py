@@ -90,3 +90,17 @@ def test_rerun_over_finished_output_changes_nothing(first_run):
     s = summary_of(out)
     assert s["rows_resumed"] == s["rows_in"] == manifest["rows"] and s["duplicates"] == 0
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet")) == before  # not clobbered
+
+
+def test_dry_run_prints_config_and_requests_without_starting_anything(demo_data, tiny_model, tmp_path):
+    data_dir, _ = demo_data
+    cfg = demo_config(data_dir, tmp_path / "out", tiny_model, personalized=True)
+    cfg["input"]["storage_options"] = {"key": "SECRET-KEY-VALUE"}
+    proc = run_cli(["run", str(write_config(tmp_path / "d.yaml", cfg)), "--dry-run"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("# resolved config") and "questions_per_image: 3" in out
+    assert "SECRET-KEY-VALUE" not in out + proc.stderr and "key: '***'" in out
+    assert out.count("row_id: ") == 3 and "template_id: en-" in out and "prompt: " in out
+    assert "subject_type_source: column" in out and "qa_type: recognition" in out
+    assert "Started a local Ray" not in proc.stderr and not (tmp_path / "out").exists()

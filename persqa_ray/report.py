@@ -1,0 +1,190 @@
+"""`persqa-ray report`: one self-contained HTML file to look at a run.
+
+A gallery of sampled rows (JPEG thumbnails embedded as data URLs: tag, subject type, question,
+answer, status), the run summary, and inline SVG plots (rows per status, answer lengths,
+questions per template, QA rows committed over time). No JavaScript library, no network: the
+file opens anywhere, including a headless browser in the tests.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import random
+from typing import Any, Optional
+
+import pyarrow.compute as pc
+
+from persqa_ray.io.filesystems import filesystem, is_url
+from persqa_ray.io.writers import COMMITS_DIR, SUMMARY_FILE, _root, read_output
+
+THUMB_PX = 192
+_LIGHT = ("status", "qa_type", "answer", "template_id", "row_id", "qa_index")
+
+
+def _thumbnail(ref: str, storage_options: Optional[dict]) -> tuple[str, bool]:
+    """(data URL, real image?) - a grey placeholder when the image cannot be read."""
+    from PIL import Image, ImageDraw, ImageOps
+    try:
+        fs, p = filesystem(ref, storage_options)
+        with fs.open(p, "rb") as f:
+            im = Image.open(io.BytesIO(f.read()))
+            im = ImageOps.exif_transpose(im).convert("RGB")
+        im.thumbnail((THUMB_PX, THUMB_PX))
+        real = True
+    except Exception:  # noqa: BLE001 - a missing or broken image is part of what the report shows
+        im = Image.new("RGB", (THUMB_PX, THUMB_PX * 3 // 4), (200, 200, 200))
+        ImageDraw.Draw(im).text((12, THUMB_PX // 3), "no image", fill=(90, 90, 90))
+        real = False
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), real
+
+
+def _bars(title: str, items: list[tuple[str, float]], unit: str = "") -> str:
+    """A horizontal bar chart as inline SVG."""
+    if not items:
+        return f"<figure><figcaption>{html.escape(title)}</figcaption><p class=muted>nothing recorded</p></figure>"
+    top = max(v for _, v in items) or 1
+    row_h, label_w, bar_w = 20, 170, 300
+    parts = [f'<svg width="{label_w + bar_w + 70}" height="{row_h * len(items) + 6}" role="img">']
+    for i, (label, value) in enumerate(items):
+        y = i * row_h + 3
+        w = max(1, int(bar_w * value / top))
+        parts.append(f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{html.escape(str(label))[:28]}</text>'
+                     f'<rect x="{label_w}" y="{y}" width="{w}" height="{row_h - 5}" fill="#4a7bd0"/>'
+                     f'<text x="{label_w + w + 4}" y="{y + 14}">{value:g}{unit}</text>')
+    parts.append("</svg>")
+    return f"<figure><figcaption>{html.escape(title)}</figcaption>{''.join(parts)}</figure>"
+
+
+def _line(title: str, points: list[tuple[float, float]], xlabel: str, ylabel: str) -> str:
+    if len(points) < 2:
+        return f"<figure><figcaption>{html.escape(title)}</figcaption><p class=muted>not recorded</p></figure>"
+    w, h, pad = 460, 200, 40
+    xmax = max(x for x, _ in points) or 1
+    ymax = max(y for _, y in points) or 1
+    coords = " ".join(f"{pad + (w - 2 * pad) * x / xmax:.1f},{h - pad - (h - 2 * pad) * y / ymax:.1f}"
+                      for x, y in points)
+    return (f"<figure><figcaption>{html.escape(title)}</figcaption><svg width='{w}' height='{h}' role='img'>"
+            f"<polyline points='{coords}' fill='none' stroke='#4a7bd0' stroke-width='2'/>"
+            f"<line x1='{pad}' y1='{h - pad}' x2='{w - pad}' y2='{h - pad}' stroke='#888'/>"
+            f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{h - pad}' stroke='#888'/>"
+            f"<text x='{w - pad}' y='{h - 12}' text-anchor='end'>{html.escape(xlabel)} (max {xmax:.0f})</text>"
+            f"<text x='{pad + 4}' y='{pad - 8}'>{html.escape(ylabel)} (max {ymax:.0f})</text></svg></figure>")
+
+
+def _histogram(values: list[int], bins: int = 10) -> list[tuple[str, float]]:
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    step = max(1, -(-(hi - lo + 1) // bins))
+    counts: dict[int, int] = {}
+    for v in values:
+        counts[(v - lo) // step] = counts.get((v - lo) // step, 0) + 1
+    return [(f"{lo + b * step}–{lo + (b + 1) * step - 1}", counts.get(b, 0)) for b in range(max(counts) + 1)]
+
+
+def _commit_timeline(output: str, storage_options: Optional[dict]) -> list[tuple[float, float]]:
+    fs, root = _root(output, storage_options)
+    records = []
+    for path in fs.glob(f"{root.rstrip('/')}/{COMMITS_DIR}/*.json"):
+        try:
+            with fs.open(path, "r") as f:
+                rec = json.load(f)
+        except Exception:  # noqa: BLE001
+            continue
+        if "committed_at" in rec:
+            records.append((rec["committed_at"], rec.get("rows", 0)))
+    if len(records) < 2:
+        return []
+    records.sort()
+    t0, total, points = records[0][0], 0, []
+    for t, n in records:
+        total += n
+        points.append((t - t0, total))
+    return points
+
+
+def _summary(output: str, storage_options: Optional[dict]) -> dict[str, Any]:
+    fs, root = _root(output, storage_options)
+    path = f"{root.rstrip('/')}/{SUMMARY_FILE}"
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222}h1{margin:0 0 4px}.muted{color:#777}
+.plots{display:flex;flex-wrap:wrap;gap:24px}figure{margin:0}figcaption{font-weight:600;margin-bottom:4px}
+svg text{font-size:12px;fill:#333}table.summary td{padding:2px 10px 2px 0;vertical-align:top}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:14px;margin-top:12px}
+.card{border:1px solid #ddd;border-radius:8px;padding:10px;display:flex;gap:10px}
+.card img{width:120px;height:auto;object-fit:contain;border-radius:4px;align-self:flex-start}
+.meta{font-size:12px;color:#555}.q{font-weight:600;margin:4px 0}.a{margin:0}
+.status{display:inline-block;padding:0 6px;border-radius:4px;background:#e3f1e3}
+.status.err{background:#f6dcdc}code{font-size:12px}
+"""
+# Marks every thumbnail the browser actually decoded (a headless test reads these marks back).
+_SCRIPT = """window.addEventListener('load',()=>{for(const im of document.querySelectorAll('img.thumb'))
+{if(im.complete&&im.naturalWidth>0)im.setAttribute('data-loaded','1');}
+document.body.setAttribute('data-ready','1');});"""
+
+
+def build_report(output: str, out: str = "report.html", sample: int = 24, seed: int = 0,
+                 storage_options: Optional[dict] = None) -> dict[str, Any]:
+    """Write the report; returns {path, rows, sampled, real_images}."""
+    summary = _summary(output, storage_options)
+    light = read_output(output, list(_LIGHT), storage_options)
+    n = light.num_rows
+    if not n or "status" not in light.column_names:
+        from persqa_ray.export import ExportError
+        raise ExportError(f"{output}: no output rows found")
+    picks = sorted(random.Random(seed).sample(range(n), min(sample, n)))
+    table = read_output(output, None, storage_options).take(picks) if picks else light.slice(0, 0)
+    statuses = pc.value_counts(light.column("status")).to_pylist() if n else []
+    answers = [a for a in light.column("answer").to_pylist() if a] if n else []
+    templates = pc.value_counts(light.column("template_id").drop_null()).to_pylist() if n else []
+
+    cards, real, cache = [], 0, {}
+    for r in table.to_pylist():
+        ref = (r.get("image") or [None])[0]
+        if ref not in cache:
+            cache[ref] = _thumbnail(ref, storage_options) if ref else _thumbnail("", None)
+        src, is_real = cache[ref]
+        real += is_real
+        status = r.get("status") or ""
+        text = {k: html.escape(str(r.get(k) if r.get(k) is not None else "–"))
+                for k in ("tag", "subject_type", "question", "answer", "qa_type", "template_id", "error")}
+        cards.append(
+            f"<div class=card><img class=thumb alt='{html.escape(str(ref))}' src='{src}'>"
+            f"<div><div class=meta><span class='status{'' if status == 'ok' else ' err'}'>{html.escape(status)}</span>"
+            f" {text['tag']} · {text['subject_type']} · {text['qa_type']} · <code>{text['template_id']}</code></div>"
+            f"<p class=q>{text['question']}</p><p class=a>{text['answer'] if status == 'ok' else text['error']}</p>"
+            f"</div></div>")
+
+    keys = ("rows_in", "rows_ok", "rows_error", "qa_rows", "qa_rows_ok", "errors_by_status", "qa_rows_by_type",
+            "rows_by_subject_type", "recognition_labels", "recognition_disagreements", "seconds",
+            "rows_per_second", "output_tokens_per_second", "model", "warnings")
+    summary_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(summary[k], ensure_ascii=False))}</td></tr>"
+                           for k in keys if k in summary)
+    plots = "".join([
+        _bars("Rows per status", [(s["values"], s["counts"]) for s in statuses]),
+        _bars("Answer length (characters)", _histogram([len(a) for a in answers])),
+        _bars("Questions per template", sorted(((t["values"], t["counts"]) for t in templates),
+                                               key=lambda kv: -kv[1])[:15]),
+        _line("QA rows committed over time", _commit_timeline(output, storage_options), "seconds", "QA rows"),
+    ])
+    doc = (f"<!doctype html><html lang=en><head><meta charset='utf-8'><title>persqa_ray report</title>"
+           f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body>"
+           f"<h1>persqa_ray run report</h1><p class=muted>{html.escape(output)} · {n} output rows · "
+           f"{len(picks)} sampled</p>"
+           f"<h2>Summary</h2><table class=summary>{summary_rows or '<tr><td>no _summary.json</td></tr>'}</table>"
+           f"<h2>Plots</h2><div class=plots>{plots}</div>"
+           f"<h2>Sampled rows</h2><div class=gallery>{''.join(cards)}</div></body></html>")
+    fs, p = filesystem(out if is_url(out) else out, storage_options)
+    with fs.open(p, "w", encoding="utf-8") as f:
+        f.write(doc)
+    return {"path": out, "rows": n, "sampled": len(picks), "real_images": real}
