@@ -12,6 +12,8 @@ Contenders (each in its own process; peak RSS is the whole process tree, sampled
            vLLM's offline LLM.generate over all prompts: the ceiling for this model and machine
   async    persqa-ray run, engine.async_engine=true (batches in flight)
   sync     persqa-ray run, engine.async_engine=false (offline LLM API per batch)
+  raydata  Ray's own ray.data.llm (vLLMEngineProcessorConfig + build_processor): the same decode
+           and resize in its preprocess, same prompt, sampling, batch size and batches in flight
   standin  persqa-ray run with engine.kind=standin: NO MODEL, fixed text (a benchmark instrument
            that isolates the pipeline's own cost: rows/s per CPU core)
 Prints a table and writes the same as JSON.
@@ -49,6 +51,86 @@ def make_inputs(d: Path, n: int) -> Path:
     shard = d / "bench.jsonl"
     shard.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return shard
+
+
+def make_small_inputs(d: Path, n: int, shards: int = 8) -> Path:
+    """n rows over `shards` JSONL shards, all pointing at 16 small photos (<= 256 px): the memory
+    benchmark measures the pipeline's own footprint as rows grow, not image sizes."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+    (d / "images").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(16):
+        name = PHOTOS[i % len(PHOTOS)]
+        path = d / "images" / f"small_{i:02d}_{name}.jpg"
+        if not path.exists():
+            side = 128 + 8 * i
+            Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB").resize((side, side * 3 // 4)) \
+                .save(path, quality=85)
+        names.append(path.name)
+    for s in range(shards):
+        with open(d / f"rows-{s:02d}.jsonl", "w") as f:
+            for i in range(s, n, shards):
+                f.write(json.dumps({"image": [f"images/{names[i % 16]}"], "n": i}) + "\n")
+    return d
+
+
+def memory_bench(work: Path, sizes: list[int], env: dict) -> list[dict]:
+    """Peak RSS of the whole process tree for the stand-in pipeline at each N (same config)."""
+    out = []
+    for n in sizes:
+        d = make_small_inputs(work / f"mem-{n}", n)
+        cfg = {"input": {"path": str(d), "block_rows": 512},
+               "image": {"max_pixels": 50176, "batch_size": 64, "concurrency": 1, "num_cpus": 0.5},
+               "engine": {"kind": "standin", "model": "standin", "max_tokens": 16, "batch_size": 64,
+                          "num_cpus": 0.5, "max_batches_in_flight": 4},
+               "output": {"path": str(work / f"mem-out-{n}"), "overwrite": True}}
+        cfg_path = work / f"mem-{n}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        secs, rss, text = run_measured([sys.executable, "-m", "persqa_ray", "run", str(cfg_path), "--json", "--quiet"],
+                                       work, env)
+        s = json.loads(text[text.index("{"):])
+        r = {"rows": n, "rows_ok": s["rows_ok"], "seconds": round(secs, 1), "rows_per_s": round(n / secs, 1),
+             "peak_rss_gib": round(rss, 3)}
+        print(f"[bench] memory N={n}: {r}", file=sys.stderr)
+        out.append(r)
+    return out
+
+
+def decode_bench(work: Path, n: int, max_pixels: int) -> dict:
+    """One core, one process: a bare PIL loop (open, RGB, resize to the same target size with the
+    same filter) vs the pipeline's DecodeStage over pyarrow batches (fetch, limits, EXIF, draft
+    decode, resize, uint8 bytes into Arrow): rows/s of each and their ratio."""
+    import pyarrow as pa
+    from PIL import Image
+    from persqa_ray import schema
+    from persqa_ray.stages.decode import DecodeOptions, DecodeStage, target_size
+    shard = make_inputs(work, n)
+    base = str(shard.parent)
+    paths = [os.path.join(base, json.loads(line)["image"][0]) for line in shard.read_text().splitlines()]
+    opts = DecodeOptions(max_pixels=max_pixels, min_pixels=3136, factor=28, max_aspect_ratio=150.0,
+                         max_decode_pixels=100_000_000, max_image_bytes=1 << 30, max_images=4,
+                         allowed_roots=(base,), allowed_schemes=("file",), storage_options={})
+    for p in paths[:8]:  # warm the page cache for both
+        Path(p).read_bytes()
+    t0 = time.perf_counter()
+    for p in paths:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            h, w = target_size(im.height, im.width, opts.factor, opts.min_pixels, opts.max_pixels)
+            im.resize((w, h), Image.BICUBIC).tobytes()
+    bare = time.perf_counter() - t0
+    stage = DecodeStage(opts)
+    batch = pa.table({"row_id": [str(i) for i in range(n)], "image": [[p] for p in paths],
+                      "status": [schema.OK] * n, "error": pa.array([None] * n, pa.string())})
+    t0 = time.perf_counter()
+    for start in range(0, n, 16):
+        out = stage(batch.slice(start, 16))
+        assert out.column("status").to_pylist() == [schema.OK] * out.num_rows
+    ours = time.perf_counter() - t0
+    return {"rows": n, "max_pixels": max_pixels, "bare_pil_rows_per_s": round(n / bare, 1),
+            "decode_stage_rows_per_s": round(n / ours, 1), "ratio": round(bare / ours, 3)}
 
 
 def bare_engine(shard: str, model: str, max_tokens: int, max_pixels: int, gpu: bool) -> dict:
@@ -93,15 +175,85 @@ def bare_engine(shard: str, model: str, max_tokens: int, max_pixels: int, gpu: b
             "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
 
 
-def run_measured(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float, str]:
-    """(seconds, peak RSS GiB of the process tree, stdout)."""
-    import psutil
+def ray_data_llm(shard: str, model: str, max_tokens: int, max_pixels: int, gpu: bool,
+                 batch_size: int = 16, in_flight: int = 4) -> dict:
+    """Run in a child process: Ray's own ray.data.llm (vLLMEngineProcessorConfig + build_processor)
+    on the same rows: same decode+resize (in its preprocess map), same prompt, same sampling,
+    same batch size, one engine, the same number of batches in flight."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    ray.init(num_cpus=None if gpu else max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    base = os.path.dirname(shard)
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")
+           if k in os.environ}
+    config = vLLMEngineProcessorConfig(
+        model_source=model, batch_size=batch_size, concurrency=1, max_concurrent_batches=in_flight,
+        log_engine_metrics=False,  # its Prometheus logger fails to import here (and we export none either)
+        engine_kwargs=dict(enforce_eager=not gpu, max_model_len=4096, seed=0,
+                           limit_mm_per_prompt={"image": 4, "video": 0}),
+        # Its four CPU stages get half a CPU each, like our decode actors: with a whole CPU each they
+        # and the engine's bundle need more CPUs than Ray has here and the job hangs.
+        prepare_multimodal_stage={"enabled": True, "num_cpus": 0.5, "concurrency": 1},
+        chat_template_stage={"enabled": True, "num_cpus": 0.5, "concurrency": 1},
+        tokenize_stage={"enabled": True, "num_cpus": 0.5, "concurrency": 1},
+        detokenize_stage={"enabled": True, "num_cpus": 0.5, "concurrency": 1},
+        runtime_env={"env_vars": env},
+        **({} if gpu else {"placement_group_config": {"bundles": [{"CPU": 1}]}}))
+
+    def preprocess(row: dict) -> dict:
+        from PIL import Image
+        from persqa_ray.engines.base import prefix_regex
+        from persqa_ray.stages.decode import DecodeOptions, ImageDecoder
+        from persqa_ray.stages.requests import RequestOptions, plan_questions
+        dec = ImageDecoder(DecodeOptions(max_pixels=max_pixels, min_pixels=3136, factor=28, max_aspect_ratio=150.0,
+                                         max_decode_pixels=100_000_000, max_image_bytes=1 << 30, max_images=4,
+                                         allowed_roots=(base,), allowed_schemes=("file",), storage_options={}))
+        ro = RequestOptions("mam", 0, 1, "en")
+        _, _, prompts = plan_questions(ro, f"bench-{row['n']}")
+        image = Image.fromarray(dec.decode(os.path.join(base, row["image"][0])))
+        return dict(messages=[{"role": "system", "content": ro.render_system_prompt()},
+                              {"role": "user", "content": [{"type": "image_pil", "image_pil": image},
+                                                           {"type": "text", "text": prompts[0]}]}],
+                    sampling_params=dict(max_tokens=max_tokens, temperature=0.7, top_p=0.9, ignore_eos=True,
+                                         structured_outputs={"regex": prefix_regex("<mam>")}))
+
+    def postprocess(row: dict) -> dict:
+        return dict(text=row["generated_text"], n_in=int(row.get("num_input_tokens") or 0),
+                    n_out=int(row.get("num_generated_tokens") or 0))
+
+    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    out = processor(ray.data.read_json(shard)).materialize()
+    rows = out.take_all()
+    return {"rows": len(rows), "wall_in_child_s": round(time.time() - t0, 2),
+            "input_tokens": sum(r["n_in"] for r in rows), "output_tokens": sum(r["n_out"] for r in rows),
+            "tag_first": sum(r["text"].startswith("<mam>") for r in rows)}
+
+
+def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float = 1800) -> tuple[float, float, str]:
+    """(seconds, peak RSS GiB of the process tree, stdout). The child runs in its own process
+    group, killed whole on timeout or when this process is interrupted."""
+    import signal
+    t0 = time.time()
+    log = open(Path(cwd) / f"contender-{int(t0)}.err", "w")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
                             start_new_session=True)
+    try:
+        return _measure(proc, t0, timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _measure(proc, t0: float, timeout: float) -> tuple[float, float, str]:
+    import psutil
     peak = 0
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"{proc.args[:3]} ran past {timeout} s")
         try:
             procs = [root] + root.children(recursive=True)
             peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
@@ -110,7 +262,7 @@ def run_measured(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float, st
         time.sleep(0.2)
     out = proc.stdout.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd} failed ({proc.returncode}): {out[-2000:]}")
+        raise RuntimeError(f"{proc.args[:4]} failed ({proc.returncode}): {out[-2000:]} (its stderr: contender-*.err in the work dir)")
     return time.time() - t0, peak / 2**30, out
 
 
@@ -137,17 +289,34 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="GPU node: one GPU per engine, no eager mode")
     ap.add_argument("--work", default=None, help="where inputs/outputs go (default: a temp dir)")
     ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--memory", default=None, metavar="N1,N2",
+                    help="instead: peak memory of the stand-in pipeline at each N (e.g. 10000,100000)")
+    ap.add_argument("--decode", type=int, default=None, metavar="N",
+                    help="instead: DecodeStage vs a bare PIL decode+resize loop on one core, N images")
     a = ap.parse_args()
     max_pixels = a.max_pixels or (1003520 if a.gpu else 50176)
     work = Path(a.work or tempfile.mkdtemp(prefix="persqa-bench-"))
-    shard = make_inputs(work, a.n)
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_DATA_DISABLE_PROGRESS_BARS="1", PERSQA_QUIET="1",
-               VLLM_CPU_KVCACHE_SPACE="2", VLLM_CPU_OMP_THREADS_BIND="nobind")
+               VLLM_CPU_KVCACHE_SPACE="2", VLLM_CPU_OMP_THREADS_BIND="nobind", RAY_DATA_LOG_LEVEL="WARNING")
+    if a.decode:
+        r = decode_bench(work, a.decode, max_pixels)
+        Path(a.out).write_text(json.dumps({"mode": "decode", **r}, indent=2))
+        print(json.dumps(r, indent=2))
+        return
+    if a.memory:
+        results = memory_bench(work, [int(x) for x in a.memory.split(",")], env)
+        report = {"mode": "memory", "engine": "standin", "cpu_count": os.cpu_count(), "results": results,
+                  "ratio_last_to_first": round(results[-1]["peak_rss_gib"] / results[0]["peak_rss_gib"], 3)}
+        Path(a.out).write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        return
+    shard = make_inputs(work, a.n)
     results = []
     for name in a.contenders.split(","):
-        if name == "bare":
+        if name in ("bare", "raydata"):
+            fn = "bare_engine" if name == "bare" else "ray_data_llm"
             code = (f"import json,sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import bench; "
-                    f"print('RESULT', json.dumps(bench.bare_engine({str(shard)!r}, {a.model!r}, {a.max_tokens}, "
+                    f"print('RESULT', json.dumps(bench.{fn}({str(shard)!r}, {a.model!r}, {a.max_tokens}, "
                     f"{max_pixels}, {a.gpu})))")
             secs, rss, out = run_measured([sys.executable, "-c", code], work, env)
             r = json.loads(out.split("RESULT ", 1)[1])
