@@ -70,14 +70,17 @@ def _conversations(rows: list[dict]) -> dict[str, list[dict]]:
     return by_image
 
 
+def _dialogue(qas: list[dict], n_images: int, image_token: str) -> list[tuple[str, str]]:
+    """(question, answer) turns of one image; the first question carries the image tokens."""
+    return [((image_token * n_images if i == 0 else "") + qa["question"], qa["answer"]) for i, qa in enumerate(qas)]
+
+
 def to_llava(rows: list[dict], image_root: Optional[str] = None) -> list[dict]:
     out = []
     for row_id, qas in _conversations(rows).items():
         images = _image_refs(qas[0], image_root)
-        turns = []
-        for i, qa in enumerate(qas):
-            question = ("<image>\n" * len(images) if i == 0 else "") + qa["question"]
-            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": qa["answer"]}]
+        turns = [t for q, a in _dialogue(qas, len(images), "<image>\n")
+                 for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
         out.append({"id": row_id, "image": images[0] if len(images) == 1 else images, "conversations": turns})
     return out
 
@@ -86,10 +89,8 @@ def to_sharegpt(rows: list[dict], image_root: Optional[str] = None) -> list[dict
     out = []
     for row_id, qas in _conversations(rows).items():
         images = _image_refs(qas[0], image_root)
-        messages = []
-        for i, qa in enumerate(qas):
-            question = ("<image>" * len(images) if i == 0 else "") + qa["question"]
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": qa["answer"]}]
+        messages = [m for q, a in _dialogue(qas, len(images), "<image>")
+                    for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
         out.append({"id": row_id, "messages": messages, "images": images})
     return out
 
