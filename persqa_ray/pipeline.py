@@ -15,10 +15,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import ray
 
+from persqa_ray import schema
 from persqa_ray.config import ConfigError, PersQAConfig, load_config
 from persqa_ray.engines.base import EngineSpec
 from persqa_ray.io.filesystems import is_url, list_shards, parent_of
-from persqa_ray import schema
 from persqa_ray.io.readers import ReadOptions, concept_values_batch, read_shards_batch
 from persqa_ray.io.writers import WriteOptions, prepare_output, summarize, write_committed, write_summary
 from persqa_ray.personalization.concepts import Concept, ConceptRegistry, load_tokenizer, vocab_collision
@@ -149,10 +149,11 @@ def _tag_problems(cfg: PersQAConfig, names: list[str]) -> list[tuple[str, str]]:
     tokenizer = load_tokenizer(cfg.engine.model)
     if tokenizer is None:
         return []
-    registry = {n: c for n, c in cfg.prompt.concepts.items()}
+    configured = cfg.prompt.concepts
     out = []
     for name in dict.fromkeys(names):
-        problem = vocab_collision(tokenizer, registry[name].tag or name if name in registry else name)
+        tag_name = (configured[name].tag or name) if name in configured else name
+        problem = vocab_collision(tokenizer, tag_name)
         if problem:
             out.append((name, problem))
     return out
