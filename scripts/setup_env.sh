@@ -15,7 +15,9 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
   if command -v apt-get >/dev/null; then
     SUDO=""; [[ "$(id -u)" != 0 ]] && SUDO="sudo"
     echo "[setup] installing chromium (apt-get)"
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+        $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+      || echo "[setup] warning: apt-get could not install chromium: the report test will fail" >&2
   else
     echo "[setup] warning: no chromium and no apt-get: the report test will fail" >&2
   fi
