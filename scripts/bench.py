@@ -36,15 +36,16 @@ SIZES = [(640, 480), (1280, 960), (1920, 1080), (4000, 3000)]
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"]
 
 
-def make_inputs(d: Path, n: int) -> Path:
+def make_inputs(d: Path, n: int, distinct: int = 0) -> Path:
     import numpy as np
     from PIL import Image
     from skimage import data
     (d / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
-        name, size = PHOTOS[i % len(PHOTOS)], SIZES[i % len(SIZES)]
-        path = d / "images" / f"{i:05d}_{name}_{size[0]}x{size[1]}.jpg"
+        i_file = i % distinct if distinct else i  # long runs may cycle over a pool of distinct files
+        name, size = PHOTOS[i_file % len(PHOTOS)], SIZES[i_file % len(SIZES)]
+        path = d / "images" / f"{i_file:05d}_{name}_{size[0]}x{size[1]}.jpg"
         if not path.exists():
             Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB").resize(size).save(path, quality=90)
         rows.append({"image": [f"images/{path.name}"], "n": i})
@@ -291,6 +292,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--memory", default=None, metavar="N1,N2",
                     help="instead: peak memory of the stand-in pipeline at each N (e.g. 10000,100000)")
+    ap.add_argument("--distinct", type=int, default=0,
+                    help="rows cycle over this many distinct image files (0: one file per row)")
     ap.add_argument("--decode", type=int, default=None, metavar="N",
                     help="instead: DecodeStage vs a bare PIL decode+resize loop on one core, N images")
     a = ap.parse_args()
@@ -310,7 +313,7 @@ def main() -> None:
         Path(a.out).write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         return
-    shard = make_inputs(work, a.n)
+    shard = make_inputs(work, a.n, a.distinct)
     results = []
     for name in a.contenders.split(","):
         if name in ("bare", "raydata"):
