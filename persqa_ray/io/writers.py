@@ -39,8 +39,12 @@ RUN_IDENTITY_FIELDS = ("prompt", "engine.model", "engine.max_tokens", "engine.te
 
 
 def _root(out_path: str, storage_options: Optional[dict]):
-    return filesystem(out_path if is_url(out_path) else os.path.abspath(os.path.expanduser(out_path)),
-                      storage_options)
+    fs, root = filesystem(out_path if is_url(out_path) else os.path.abspath(os.path.expanduser(out_path)),
+                          storage_options)
+    # fsspec reuses filesystem instances and s3fs caches listings: files written by other
+    # processes since the last listing would be missed (a summary undercounted on S3 once).
+    fs.invalidate_cache()
+    return fs, root
 
 
 def _all_files(fs, root: str) -> list[str]:
