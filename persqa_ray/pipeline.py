@@ -214,10 +214,10 @@ def init_ray(cfg: PersQAConfig) -> None:
     check_ray()
     if ray.is_initialized():
         return
-    quiet = os.environ.get("PERSQA_QUIET") == "1"  # --quiet: no worker/engine/Ray Data log lines
+    # --quiet: no worker/engine log lines and no Ray INFO lines (Ray Data's own level comes from
+    # RAY_DATA_LOG_LEVEL, which the CLI sets before Ray Data configures its loggers).
+    quiet = os.environ.get("PERSQA_QUIET") == "1"
     level = logging.WARNING if quiet else logging.INFO
-    if quiet:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.ray.address or None, log_to_driver=not quiet, logging_level=level)
         return
@@ -226,8 +226,6 @@ def init_ray(cfg: PersQAConfig) -> None:
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
     ray.init(num_cpus=num_cpus, object_store_memory=cfg.ray.object_store_memory,
              include_dashboard=False, log_to_driver=not quiet, logging_level=level)
-    if quiet:  # Ray Data configures its loggers at init
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _compose(p: Plan, stats, done=None) -> ray.data.Dataset:

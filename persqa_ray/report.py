@@ -20,7 +20,9 @@ from persqa_ray.io.filesystems import filesystem, is_url
 from persqa_ray.io.writers import COMMITS_DIR, SUMMARY_FILE, _root, read_output
 
 THUMB_PX = 192
-_LIGHT = ("status", "qa_type", "answer", "template_id", "row_id", "qa_index")
+# The columns the report shows or plots: one read of these, not of the whole output.
+_COLUMNS = ["row_id", "qa_index", "status", "error", "image", "tag", "subject_type", "qa_type", "question",
+            "answer", "template_id"]
 
 
 def _thumbnail(ref: str, storage_options: Optional[dict]) -> tuple[str, bool]:
@@ -42,7 +44,7 @@ def _thumbnail(ref: str, storage_options: Optional[dict]) -> tuple[str, bool]:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), real
 
 
-def _bars(title: str, items: list[tuple[str, float]], unit: str = "") -> str:
+def _bars(title: str, items: list[tuple[str, float]]) -> str:
     """A horizontal bar chart as inline SVG."""
     if not items:
         return f"<figure><figcaption>{html.escape(title)}</figcaption><p class=muted>nothing recorded</p></figure>"
@@ -54,7 +56,7 @@ def _bars(title: str, items: list[tuple[str, float]], unit: str = "") -> str:
         w = max(1, int(bar_w * value / top))
         parts.append(f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{html.escape(str(label))[:28]}</text>'
                      f'<rect x="{label_w}" y="{y}" width="{w}" height="{row_h - 5}" fill="#4a7bd0"/>'
-                     f'<text x="{label_w + w + 4}" y="{y + 14}">{value:g}{unit}</text>')
+                     f'<text x="{label_w + w + 4}" y="{y + 14}">{value:g}</text>')
     parts.append("</svg>")
     return f"<figure><figcaption>{html.escape(title)}</figcaption>{''.join(parts)}</figure>"
 
@@ -137,22 +139,22 @@ def build_report(output: str, out: str = "report.html", sample: int = 24, seed: 
                  storage_options: Optional[dict] = None) -> dict[str, Any]:
     """Write the report; returns {path, rows, sampled, real_images}."""
     summary = _summary(output, storage_options)
-    light = read_output(output, list(_LIGHT), storage_options)
-    n = light.num_rows
-    if not n or "status" not in light.column_names:
+    rows = read_output(output, _COLUMNS, storage_options)
+    n = rows.num_rows
+    if not n or "status" not in rows.column_names:
         from persqa_ray.export import ExportError
         raise ExportError(f"{output}: no output rows found")
     picks = sorted(random.Random(seed).sample(range(n), min(sample, n)))
-    table = read_output(output, None, storage_options).take(picks) if picks else light.slice(0, 0)
-    statuses = pc.value_counts(light.column("status")).to_pylist() if n else []
-    answers = [a for a in light.column("answer").to_pylist() if a] if n else []
-    templates = pc.value_counts(light.column("template_id").drop_null()).to_pylist() if n else []
+    table = rows.take(picks)
+    statuses = pc.value_counts(rows.column("status")).to_pylist()
+    answers = [a for a in rows.column("answer").to_pylist() if a]
+    templates = pc.value_counts(rows.column("template_id").drop_null()).to_pylist()
 
     cards, real, cache = [], 0, {}
     for r in table.to_pylist():
         ref = (r.get("image") or [None])[0]
         if ref not in cache:
-            cache[ref] = _thumbnail(ref, storage_options) if ref else _thumbnail("", None)
+            cache[ref] = _thumbnail(ref or "", storage_options)  # no reference: the placeholder
         src, is_real = cache[ref]
         real += is_real
         status = r.get("status") or ""

@@ -47,7 +47,11 @@ class RequestOptions:
 
     @property
     def registry(self) -> ConceptRegistry:
-        return self.concepts or self._registry.setdefault("default", ConceptRegistry(default=self.tag_name))
+        if self.concepts is not None:
+            return self.concepts
+        if "default" not in self._registry:  # built once, not per row
+            self._registry["default"] = ConceptRegistry(default=self.tag_name)
+        return self._registry["default"]
 
     def templates(self) -> TemplateSet:
         return load_templates(self.language, self.templates_path)

@@ -134,16 +134,16 @@ class RayCluster:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-        # Whatever outlived its node (workers, engine processes): found by our GCS address / temp dir.
+        _kill_tree(self._ours())  # whatever outlived its node: workers, engine processes
+
+    def _ours(self) -> list[psutil.Process]:
+        """Processes of this cluster, found by our GCS address or temp dir in their command line."""
         marks = (f"127.0.0.1:{self.gcs_port}", self.temp_dir)
-        left = [p for p in psutil.process_iter(["cmdline"])
+        return [p for p in psutil.process_iter(["cmdline"])
                 if any(m in " ".join(p.info["cmdline"] or []) for m in marks)]
-        _kill_tree(left)
 
     def leftovers(self) -> list[int]:
-        marks = (f"127.0.0.1:{self.gcs_port}", self.temp_dir)
-        return [p.pid for p in psutil.process_iter(["cmdline"])
-                if any(m in " ".join(p.info["cmdline"] or []) for m in marks)]
+        return [p.pid for p in self._ours()]
 
 
 class S3Server:
