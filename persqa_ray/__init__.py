@@ -25,5 +25,5 @@ def run(config, overrides=()):
 
 
 def read_output(path, columns=None, storage_options=None):
-    from persqa_ray.io.writers import read_output as _read
+    from persqa_ray.io.dataset import read_output as _read
     return _read(path, columns, storage_options)

@@ -19,7 +19,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ...)")
         s.add_argument("--quiet", action="store_true", help="no progress bars; print only the summary")
         if name == "run":
-            s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+            s.add_argument("--overwrite", action="store_true", help="start over: remove what persqa-ray wrote "
+                           "in output.path (refused for inputs, their parents, ., ~, / and bucket roots)")
+            s.add_argument("--retry-errors", nargs="?", const="engine_error", default=None, metavar="STATUS,...",
+                           help="generate rows with these statuses again (default: engine_error); their new "
+                           "rows replace the old error rows in one commit")
             s.add_argument("--json", action="store_true", help="print the summary as JSON")
             s.add_argument("--dry-run", action="store_true", help="print the resolved config and the first "
                            "requests (templates, prompts) without starting Ray or an engine")
@@ -111,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     from persqa_ray.config import ConfigError, describe_fields, load_config
 
     overrides = list(args.overrides) + (["output.overwrite=true"] if getattr(args, "overwrite", False) else [])
+    if getattr(args, "retry_errors", None):
+        statuses = [x.strip() for x in args.retry_errors.split(",") if x.strip()]
+        overrides.append("run.retry_errors=[" + ",".join(statuses) + "]")
     try:
         cfg = load_config(args.config, overrides)
         if args.command == "validate":
@@ -128,9 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
             os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # read when ray.data configures logging
             os.environ["PERSQA_QUIET"] = "1"
-        from persqa_ray.pipeline import run
-        from persqa_ray.io.writers import human_summary
-        summary = run(cfg)
+        from persqa_ray.io.summary import human_summary
+        from persqa_ray.pipeline import RunFailed, run
+        try:
+            summary = run(cfg)
+        except RunFailed as e:
+            print(json.dumps(e.summary, indent=2) if args.json else human_summary(e.summary))
+            print(f"persqa-ray: run failed: {e}", file=sys.stderr)
+            return 3
     except ConfigError as e:
         print(f"persqa-ray: config error: {e}", file=sys.stderr)
         return 2

@@ -228,7 +228,14 @@ class OutputConfig(_Section):
         None, description="Seed text form of one QA pair; unset: the template file's ('Question: "
         "{question} Answer: {answer}' in English, 'Question: {question}, Answer: {answer}' as the "
         "Chinese seed writes it).")
-    overwrite: bool = Field(False, description="Delete an existing output at `path` first.")
+    overwrite: bool = Field(
+        False, description="Start over: remove what persqa-ray wrote in an existing output at `path` (only an "
+        "output carrying its _run.json marker, or an empty directory; never an input, its parents or children, "
+        "the current or home directory, / or a bucket root).")
+    lease_ttl_s: float = Field(
+        120.0, ge=5, description="Seconds a run's lease on its output lasts without a heartbeat (renewed every "
+        "ttl/4). A run on another host that died holds the output this long; on this host a dead run's "
+        "lease is taken over at once.")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for a remote output path (like input.storage_options).")
 
@@ -264,6 +271,27 @@ class RayConfig(_Section):
     object_store_memory: Optional[int] = Field(None, gt=0, description="Object store bytes for a local Ray.")
 
 
+# Statuses --retry-errors redoes by default: transient failures of the engine, never input errors.
+TRANSIENT_STATUSES = ("engine_error",)
+
+
+class RunConfig(_Section):
+    max_error_fraction: float = Field(
+        0.5, ge=0, le=1, description="A run whose share of generated rows with engine_error exceeds this "
+        "fails (CLI exit 3) after writing everything; input errors (bad_image, …) do not count.")
+    retry_errors: list[str] = Field(
+        default_factory=list, description="Statuses whose rows are generated again on this run (CLI "
+        "--retry-errors [STATUS,...]; default there: engine_error). Their new QA rows replace the old "
+        "error rows in one commit.")
+
+    @field_validator("retry_errors")
+    @classmethod
+    def _statuses(cls, v: list[str]) -> list[str]:
+        if "ok" in v:
+            raise ValueError("'ok' rows are never retried")
+        return v
+
+
 class PersQAConfig(_Section):
     input: InputConfig
     image: ImageConfig = Field(default_factory=ImageConfig, description="Decode and resize.")
@@ -271,6 +299,7 @@ class PersQAConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="The VLM engine and its pool.")
     output: OutputConfig
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Failure threshold and error retries.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PersQAConfig":

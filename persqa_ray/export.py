@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from persqa_ray import schema
 from persqa_ray.io.filesystems import filesystem, is_url
-from persqa_ray.io.writers import read_output
+from persqa_ray.io.dataset import iter_output
 
 FORMATS = ("llava", "sharegpt", "jsonl")
 _JSONL_FIELDS = ("row_id", "qa_index", "image", "qa_type", "concept", "tag", "image_concept", "subject_type",
@@ -45,13 +45,22 @@ def parse_split(spec: Optional[str]) -> Optional[float]:
     return value
 
 
+def _ok_blocks(output: str, storage_options: Optional[dict]):
+    """The output's ok rows, one commit record at a time, sorted within it (a row's QA rows are
+    always committed together, so conversations never span blocks)."""
+    for t in iter_output(output, None, storage_options):
+        if "status" not in t.column_names or not t.num_rows:
+            continue
+        t = t.filter(pc.equal(t.column("status"), schema.OK))
+        if t.num_rows:
+            yield t.sort_by([("row_id", "ascending"), ("qa_index", "ascending")]).to_pylist()
+
+
 def ok_rows(output: str, storage_options: Optional[dict] = None) -> list[dict]:
-    t = read_output(output, None, storage_options)
-    if "status" not in t.column_names or not t.num_rows:
+    rows = [r for block in _ok_blocks(output, storage_options) for r in block]
+    if not rows:
         raise ExportError(f"{output}: no output rows found")
-    t = t.filter(pc.equal(t.column("status"), schema.OK))
-    t = t.sort_by([("row_id", "ascending"), ("qa_index", "ascending")])
-    return t.to_pylist()
+    return rows
 
 
 def _image_refs(row: dict, image_root: Optional[str]) -> list[str]:
@@ -99,13 +108,18 @@ def to_jsonl(rows: list[dict], image_root: Optional[str] = None) -> list[dict]:
     return [{**{k: r.get(k) for k in _JSONL_FIELDS}, "image": _image_refs(r, image_root)} for r in rows]
 
 
-def split_by_concept(rows: list[dict], train_fraction: float, seed: int = 0) -> tuple[dict[str, list[dict]], dict]:
-    concepts = sorted({r["image_concept"] for r in rows if r.get("image_concept") is not None})
+def concept_sides(concepts: set, train_fraction: float, seed: int = 0) -> dict[str, str]:
+    concepts = sorted(concepts)
     if len(concepts) < 2:
         raise ExportError(f"a concept split needs at least 2 concepts; the output has {len(concepts)}")
     random.Random(f"persqa-split:{seed}").shuffle(concepts)
     n_train = min(len(concepts) - 1, max(1, round(train_fraction * len(concepts))))
-    side = {c: ("train" if i < n_train else "test") for i, c in enumerate(concepts)}
+    return {c: ("train" if i < n_train else "test") for i, c in enumerate(concepts)}
+
+
+def split_by_concept(rows: list[dict], train_fraction: float, seed: int = 0) -> tuple[dict[str, list[dict]], dict]:
+    side = concept_sides({r["image_concept"] for r in rows if r.get("image_concept") is not None},
+                         train_fraction, seed)
     parts: dict[str, list[dict]] = {"train": [], "test": []}
     dropped = 0
     for r in rows:
@@ -125,38 +139,71 @@ def _split_path(path: str, part: str) -> str:
     return f"{root}.{part}{ext}"
 
 
-def _write(records: list[dict], fmt: str, path: str, storage_options: Optional[dict]) -> None:
-    fs, p = filesystem(path if is_url(path) else os.path.abspath(path), storage_options)
-    parent = p.rsplit("/", 1)[0]
-    if parent and not is_url(path):
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(p, "w", encoding="utf-8") as f:
-        if fmt == "jsonl":
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        else:
-            json.dump(records, f, ensure_ascii=False, indent=1)
+class _Writer:
+    """Writes records as they come: JSONL lines, or one JSON list written item by item."""
+
+    def __init__(self, fmt: str, path: str, storage_options: Optional[dict]):
+        fs, p = filesystem(path if is_url(path) else os.path.abspath(path), storage_options)
+        parent = p.rsplit("/", 1)[0]
+        if parent and not is_url(path):
+            fs.makedirs(parent, exist_ok=True)
+        self.fmt, self.n = fmt, 0
+        self.f = fs.open(p, "w", encoding="utf-8")
+        if fmt != "jsonl":
+            self.f.write("[")
+
+    def write(self, records: list[dict]) -> None:
+        for r in records:
+            if self.fmt == "jsonl":
+                self.f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            else:
+                self.f.write(("," if self.n else "") + "\n" + json.dumps(r, ensure_ascii=False, indent=1))
+            self.n += 1
+
+    def close(self) -> int:
+        if self.fmt != "jsonl":
+            self.f.write("\n]\n")
+        self.f.close()
+        return self.n
 
 
 def export(output: str, fmt: str, out: str, split: Optional[str] = None, seed: int = 0,
            storage_options: Optional[dict] = None, image_root: Optional[str] = None) -> dict[str, Any]:
-    """Write the export; returns {file: record count} plus split details."""
+    """Write the export, streaming over the output; returns {file: record count} plus split details."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
     fraction = parse_split(split)
-    rows = ok_rows(output, storage_options)
     build = {"llava": to_llava, "sharegpt": to_sharegpt, "jsonl": to_jsonl}[fmt]
-    result: dict[str, Any] = {"qa_rows": len(rows), "files": {}}
-    if fraction is None:
-        records = build(rows, image_root)
-        _write(records, fmt, out, storage_options)
-        result["files"][out] = len(records)
-        return result
-    parts, info = split_by_concept(rows, fraction, seed)
-    result.update(info)
-    for part, part_rows in parts.items():
-        path = _split_path(out, part)
-        records = build(part_rows, image_root)
-        _write(records, fmt, path, storage_options)
-        result["files"][path] = len(records)
+    side = None
+    if fraction is not None:  # first pass: the concepts (a small set), so the sides are known
+        concepts = {r["image_concept"] for block in _ok_blocks(output, storage_options) for r in block
+                    if r.get("image_concept") is not None}
+        side = concept_sides(concepts, fraction, seed)
+    paths = {"all": out} if side is None else {part: _split_path(out, part) for part in ("train", "test")}
+    writers = {part: _Writer(fmt, path, storage_options) for part, path in paths.items()}
+    qa_rows = dropped = 0
+    try:
+        for block in _ok_blocks(output, storage_options):
+            qa_rows += len(block)
+            if side is None:
+                writers["all"].write(build(block, image_root))
+                continue
+            parts: dict[str, list[dict]] = {"train": [], "test": []}
+            for r in block:
+                s = side[r["image_concept"]]
+                if side.get(r["concept"], s) != s:
+                    dropped += 1  # a "No" pair about a concept on the other side would leak its tag
+                    continue
+                parts[s].append(r)
+            for part, rows in parts.items():
+                writers[part].write(build(rows, image_root))
+    finally:
+        counts = {paths[part]: w.close() for part, w in writers.items()}
+    if not qa_rows:
+        raise ExportError(f"{output}: no output rows found")
+    result: dict[str, Any] = {"qa_rows": qa_rows, "files": counts}
+    if side is not None:
+        result.update(train_concepts=sorted(c for c, s in side.items() if s == "train"),
+                      test_concepts=sorted(c for c, s in side.items() if s == "test"),
+                      cross_split_pairs_dropped=dropped)
     return result

@@ -12,15 +12,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-import numpy as np
 import ray
 
 from persqa_ray import schema
 from persqa_ray.config import ConfigError, PersQAConfig, load_config
 from persqa_ray.engines.base import EngineSpec
 from persqa_ray.io.filesystems import is_url, list_shards, parent_of
+from persqa_ray.io.commits import WriteOptions, write_committed
+from persqa_ray.io.outputs import check_output_location, open_output, without_outputs
 from persqa_ray.io.readers import ReadOptions, concept_values_batch, read_shards_batch
-from persqa_ray.io.writers import WriteOptions, prepare_output, summarize, write_committed, write_summary
+from persqa_ray.io.resume import ResumeOptions
+from persqa_ray.io.summary import summarize, write_summary
 from persqa_ray.personalization.concepts import Concept, ConceptRegistry, load_tokenizer, vocab_collision
 from persqa_ray.personalization.templates import TemplateError
 from persqa_ray.stages.decode import DecodeOptions, DecodeStage
@@ -86,6 +88,10 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
             raise ConfigError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - unreachable bucket, bad credentials, ...
             raise ConfigError(f"input.path: cannot list {cfg.input.path} ({type(e).__name__}: {e})") from None
+        check_output_location(cfg.output.path, cfg.input.path, shards, cfg.output.overwrite)
+        shards = without_outputs(shards, cfg.output.path)
+        if not shards:
+            raise ConfigError(f"input.path: {cfg.input.path} holds no shard outside output.path")
     cwd = os.getcwd()
     roots = cfg.input.allowed_roots
     if roots is None:
@@ -228,12 +234,13 @@ def init_ray(cfg: PersQAConfig) -> None:
              include_dashboard=False, log_to_driver=not quiet, logging_level=level)
 
 
-def _compose(p: Plan, stats, done=None) -> ray.data.Dataset:
+def _compose(p: Plan, stats, resume: Optional[ResumeOptions] = None) -> ray.data.Dataset:
     cfg = p.config
     shard_items = [{"shard": s, "format": f} for s, f in p.shards]
     ds = ray.data.from_items(shard_items, override_num_blocks=max(1, len(shard_items)))
+    # Each read task loads its own shard's resume state (io/resume.py): nothing of it is built here.
     ds = ds.map_batches(read_shards_batch, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"opts": p.read, "stats": stats, "done": done})
+                        fn_kwargs={"opts": p.read, "stats": stats, "resume": resume})
     ds = ds.map_batches(build_requests, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"opts": p.requests})
     # Ray buffers a task's outputs into blocks of up to 128 MiB, so a shard would travel (and be
@@ -259,6 +266,14 @@ def _compose(p: Plan, stats, done=None) -> ray.data.Dataset:
 _STATS_HANDLES: list = []
 
 
+class RunFailed(RuntimeError):
+    """The run wrote everything it could, but too many rows failed (run.max_error_fraction)."""
+
+    def __init__(self, summary: dict[str, Any]):
+        super().__init__(summary.get("failed") or "run failed")
+        self.summary = summary
+
+
 def build_dataset(config: Union[PersQAConfig, dict, str], _plan: Optional[Plan] = None) -> ray.data.Dataset:
     """The whole pipeline as a lazy Ray Dataset of output rows (nothing runs until consumed)."""
     p = _plan or plan(config)
@@ -266,37 +281,47 @@ def build_dataset(config: Union[PersQAConfig, dict, str], _plan: Optional[Plan] 
     p = discover_concepts(p)
     stats = RunStats.remote()
     _STATS_HANDLES.append(stats)
-    return _compose(p, stats)
+    return _compose(p, stats).drop_columns(list(schema.WRITER_COLUMNS))
 
 
 def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> dict[str, Any]:
     """Run the job to completion: write the partitioned Parquet output and _summary.json.
 
     Over an output that already holds part of this run, only rows not yet committed are
-    processed (resume); `output.overwrite` starts over.
+    processed (resume); `output.overwrite` starts over; `run.retry_errors` redoes error rows.
+    Raises RunFailed (after writing everything) when engine errors pass run.max_error_fraction.
     """
     cfg = load_config(config, overrides)
     p = plan(cfg)
     cfg = p.config
-    resume = prepare_output(cfg)
-    init_ray(cfg)
-    started = time.time()
-    p = discover_concepts(p)
-    for w in p.warnings:
-        log.warning("%s", w)
-    stats = RunStats.remote()
-    # Row ids done earlier, as one sorted fixed-width array (compact, binary-searchable in tasks).
-    done = np.unique(np.array(resume.done_row_ids, dtype=str)) if resume.done_row_ids else None
-    ds = _compose(p, stats, done)
-    wopts = WriteOptions(path=cfg.output.path, storage_options=dict(cfg.output.storage_options),
-                         partition_by=tuple(cfg.output.partition_by))
-    written = ds.map_batches(write_committed, batch_size=None, batch_format="pyarrow", fn_kwargs={"opts": wopts})
-    for _ in written.iter_batches(batch_size=None):  # drives the pipeline; each batch is one count
-        pass
-    seconds = time.time() - started
-    snapshot = ray.get(stats.snapshot.remote())
-    ray.kill(stats)
-    summary = summarize(cfg.output, snapshot, seconds, model=cfg.engine.model,
-                        orphans_removed=resume.orphans_removed, warnings=p.warnings)
-    write_summary(cfg.output, summary)
+    lease = open_output(cfg, p.shards)
+    try:
+        init_ray(cfg)
+        started = time.time()
+        p = discover_concepts(p)
+        for w in p.warnings:
+            log.warning("%s", w)
+        stats = RunStats.remote()
+        resume = ResumeOptions(path=cfg.output.path, storage_options=dict(cfg.output.storage_options),
+                               retry_statuses=tuple(cfg.run.retry_errors))
+        ds = _compose(p, stats, resume)
+        fault = os.environ.get("PERSQA_FAULT")  # crash tests: see io/commits.py
+        wopts = WriteOptions(path=cfg.output.path, storage_options=dict(cfg.output.storage_options),
+                             partition_by=tuple(cfg.output.partition_by), fault=fault, driver_pid=os.getpid())
+        written = ds.map_batches(write_committed, batch_size=None, batch_format="pyarrow", fn_kwargs={"opts": wopts})
+        for _ in written.iter_batches(batch_size=None):  # drives the pipeline; each batch is one count
+            pass
+        seconds = time.time() - started
+        snapshot = ray.get(stats.snapshot.remote())
+        ray.kill(stats)
+        if lease.lost:
+            raise ConfigError(f"output.path: {cfg.output.path}: {lease.lost} during this run; its summary "
+                              "is not written (rerun to finish)")
+        summary = summarize(cfg.output, snapshot, seconds, model=cfg.engine.model, warnings=p.warnings,
+                            max_error_fraction=cfg.run.max_error_fraction)
+        write_summary(cfg.output, summary)
+    finally:
+        lease.release()
+    if summary.get("failed"):
+        raise RunFailed(summary)
     return summary

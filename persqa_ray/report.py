@@ -17,7 +17,9 @@ from typing import Any, Optional
 import pyarrow.compute as pc
 
 from persqa_ray.io.filesystems import filesystem, is_url
-from persqa_ray.io.writers import COMMITS_DIR, SUMMARY_FILE, _root, read_output
+from persqa_ray.io.commits import iter_records, output_root
+from persqa_ray.io.dataset import iter_output
+from persqa_ray.io.summary import read_summary
 
 THUMB_PX = 192
 # The columns the report shows or plots: one read of these, not of the whole output.
@@ -89,19 +91,11 @@ def _histogram(values: list[int], bins: int = 10) -> list[tuple[str, float]]:
 
 
 def _commit_timeline(output: str, storage_options: Optional[dict]) -> list[tuple[float, float]]:
-    fs, root = _root(output, storage_options)
-    records = []
-    for path in fs.glob(f"{root.rstrip('/')}/{COMMITS_DIR}/*.json"):
-        try:
-            with fs.open(path, "r") as f:
-                rec = json.load(f)
-        except Exception:  # noqa: BLE001
-            continue
-        if "committed_at" in rec:
-            records.append((rec["committed_at"], rec.get("rows", 0)))
+    fs, root = output_root(output, storage_options)
+    records = sorted((rec["committed_at"], rec["counts"].get("qa_rows", 0)) for rec in iter_records(fs, root)
+                     if "committed_at" in rec)
     if len(records) < 2:
         return []
-    records.sort()
     t0, total, points = records[0][0], 0, []
     for t, n in records:
         total += n
@@ -109,13 +103,31 @@ def _commit_timeline(output: str, storage_options: Optional[dict]) -> list[tuple
     return points
 
 
-def _summary(output: str, storage_options: Optional[dict]) -> dict[str, Any]:
-    fs, root = _root(output, storage_options)
-    path = f"{root.rstrip('/')}/{SUMMARY_FILE}"
-    if not fs.exists(path):
-        return {}
-    with fs.open(path, "r") as f:
-        return json.load(f)
+class _Scan:
+    """One streaming pass over the output (a commit record at a time): status and template
+    counts, answer lengths, and a seeded reservoir sample of rows for the gallery. Memory: the
+    sample, one block, and one length per answer for the histogram (ints)."""
+
+    def __init__(self, sample: int, seed: int):
+        self.k, self.rng = sample, random.Random(seed)
+        self.n, self.sample = 0, []
+        self.statuses: dict[str, int] = {}
+        self.templates: dict[str, int] = {}
+        self.lengths: list[int] = []
+
+    def add(self, t) -> None:
+        for col, counts in (("status", self.statuses), ("template_id", self.templates)):
+            for r in pc.value_counts(t.column(col).drop_null()).to_pylist():
+                counts[r["values"]] = counts.get(r["values"], 0) + r["counts"]
+        self.lengths += [len(a) for a in t.column("answer").to_pylist() if a]
+        for r in t.to_pylist():
+            self.n += 1
+            if len(self.sample) < self.k:
+                self.sample.append((self.n, r))
+            else:
+                j = self.rng.randrange(self.n)
+                if j < self.k:
+                    self.sample[j] = (self.n, r)
 
 
 _CSS = """
@@ -138,20 +150,22 @@ document.body.setAttribute('data-ready','1');});"""
 def build_report(output: str, out: str = "report.html", sample: int = 24, seed: int = 0,
                  storage_options: Optional[dict] = None) -> dict[str, Any]:
     """Write the report; returns {path, rows, sampled, real_images}."""
-    summary = _summary(output, storage_options)
-    rows = read_output(output, _COLUMNS, storage_options)
-    n = rows.num_rows
-    if not n or "status" not in rows.column_names:
+    summary = read_summary(output, storage_options)
+    scan = _Scan(sample, seed)
+    for t in iter_output(output, _COLUMNS, storage_options):
+        if "status" in t.column_names:
+            scan.add(t)
+    n = scan.n
+    if not n:
         from persqa_ray.export import ExportError
         raise ExportError(f"{output}: no output rows found")
-    picks = sorted(random.Random(seed).sample(range(n), min(sample, n)))
-    table = rows.take(picks)
-    statuses = pc.value_counts(rows.column("status")).to_pylist()
-    answers = [a for a in rows.column("answer").to_pylist() if a]
-    templates = pc.value_counts(rows.column("template_id").drop_null()).to_pylist()
+    picks = sorted(scan.sample, key=lambda x: x[0])
+    statuses = [{"values": k, "counts": v} for k, v in scan.statuses.items()]
+    answers_lengths = scan.lengths
+    templates = [{"values": k, "counts": v} for k, v in scan.templates.items()]
 
     cards, real, cache = [], 0, {}
-    for r in table.to_pylist():
+    for _, r in picks:
         ref = (r.get("image") or [None])[0]
         if ref not in cache:
             cache[ref] = _thumbnail(ref or "", storage_options)  # no reference: the placeholder
@@ -174,7 +188,7 @@ def build_report(output: str, out: str = "report.html", sample: int = 24, seed: 
                            for k in keys if k in summary)
     plots = "".join([
         _bars("Rows per status", [(s["values"], s["counts"]) for s in statuses]),
-        _bars("Answer length (characters)", _histogram([len(a) for a in answers])),
+        _bars("Answer length (characters)", _histogram(answers_lengths)),
         _bars("Questions per template", sorted(((t["values"], t["counts"]) for t in templates),
                                                key=lambda kv: -kv[1])[:15]),
         _line("QA rows committed over time", _commit_timeline(output, storage_options), "seconds", "QA rows"),

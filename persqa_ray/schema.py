@@ -1,4 +1,4 @@
-"""The output row contract (DESIGN.md "Output row") and the status codes rows can carry."""
+"""The output row contract and the status codes rows can carry."""
 from __future__ import annotations
 
 import pyarrow as pa
@@ -53,7 +53,11 @@ PIXELS = "_pq_pixels"        # list<large_binary>: raw RGB uint8, row-major
 SHAPES = "_pq_shapes"        # list<list<int32>>: [height, width] per image
 ITEMS = "_pq_items"          # list<struct>: the row's QA items (stages/requests.py ITEM_TYPE)
 CLASS_PHRASE = "_pq_class_phrase"  # the concept's class phrase, if registered
-SOURCE = "_pq_source"        # shard path the row came from
+SOURCE = "_pq_source"        # shard path the row came from (travels to the writer: commit units)
+POSITION = "_pq_position"    # the row's position in its shard (resume state: done ranges)
+REPLACES = "_pq_replaces"    # --retry-errors: the commit record whose error row this row replaces
+# Travel with the row to the writer (generate keeps them; the writer drops them).
+WRITER_COLUMNS = (SOURCE, POSITION, REPLACES)
 
 
 def input_column_name(name: str) -> str:

@@ -16,23 +16,25 @@ class RunStats:
         self.shard_rows: dict[str, int] = {}
         self.shard_errors: dict[str, str] = {}
         self.counters: Counter = Counter()
-        self.claimed: set[str] = set()
+        self.owners: dict[str, str] = {}   # grows with input.id_column values: see claim()
+        self.shard_extra: dict[str, dict] = {}
         self.nodes: dict[str, set[str]] = {}
 
-    def shard_read(self, shard: str, rows: int) -> None:
+    def shard_read(self, shard: str, rows: int, extra: dict, error: str | None = None) -> None:
+        """Per shard, so a read task that Ray retries reports the same numbers, not twice."""
         self.shard_rows[shard] = rows
+        self.shard_extra[shard] = extra
+        if error:
+            self.shard_errors[shard] = error
 
-    def shard_failed(self, shard: str, error: str, rows_before: int) -> None:
-        self.shard_rows[shard] = rows_before
-        self.shard_errors[shard] = error
-
-    def claim(self, ids: list[str]) -> list[bool]:
-        """First claim of an input.id_column value wins; later rows with it are duplicates. Within a
-        shard the order is the file's; across shards, whichever shard gets there first."""
+    def claim(self, ids: list[str], keys: list[str]) -> list[bool]:
+        """First claim of an input.id_column value keeps it; `keys` name the claiming rows
+        (shard, position), so a retried read task re-claiming its own ids gets them back.
+        Across shards the first claim wins, whichever shard is read first. Memory grows with the
+        number of ids (one actor): the known limit of input.id_column at very large scale."""
         owned = []
-        for i in ids:
-            owned.append(i not in self.claimed)
-            self.claimed.add(i)
+        for i, key in zip(ids, keys):
+            owned.append(self.owners.setdefault(i, key) == key)
         return owned
 
     def actor_started(self, stage: str, node_id: str) -> None:
@@ -46,6 +48,9 @@ class RunStats:
         self.counters[key] += n
 
     def snapshot(self) -> dict:
-        return {"rows_in": sum(self.shard_rows.values()), "shards": len(self.shard_rows),
+        extra: Counter = Counter()
+        for e in self.shard_extra.values():
+            extra.update(e)
+        return {"rows_in": sum(self.shard_rows.values()), "shards": len(self.shard_rows), **extra,
                 "shard_errors": dict(self.shard_errors),
                 "nodes": {k: sorted(v) for k, v in sorted(self.nodes.items())}, **self.counters}

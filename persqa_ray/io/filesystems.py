@@ -53,7 +53,7 @@ def list_shards(paths: str | Iterable[str], declared_format: str = "auto",
         if any(ch in p for ch in "*?["):
             matches = sorted(fs.glob(p))
         elif fs.isdir(p):
-            matches = sorted(f for f in fs.find(p) if not posixpath.basename(f).startswith(("_", ".")))
+            matches = _listable(fs, p)
         elif fs.exists(p):
             matches = [p]
         else:
@@ -68,6 +68,26 @@ def list_shards(paths: str | Iterable[str], declared_format: str = "auto",
         if kept == 0:
             raise FileNotFoundError(f"input.path: {item} holds no .jsonl/.json/.parquet shard")
     return sorted(found.items())
+
+
+OUTPUT_MARKER = "_run.json"  # an output persqa_ray wrote (io/outputs.py)
+
+
+def _listable(fs, root: str) -> list[str]:
+    """Files under a directory that can be input: not hidden or underscore-named at any level
+    (`_commits/…`, `.tmp` files), and not inside an output persqa_ray wrote, wherever it sits."""
+    root = root.rstrip("/")
+    files = fs.find(root)
+    outputs = [f[: -len(OUTPUT_MARKER) - 1] for f in files if posixpath.basename(f) == OUTPUT_MARKER]
+    kept = []
+    for f in files:
+        rel = f[len(root) + 1:]
+        if any(seg.startswith(("_", ".")) for seg in rel.split("/")):
+            continue
+        if any(f.startswith(o + "/") for o in outputs):
+            continue
+        kept.append(f)
+    return sorted(kept)
 
 
 def parent_of(path: str) -> str:

@@ -14,13 +14,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from persqa_ray import schema
 from persqa_ray.io.filesystems import filesystem, parent_of
 from persqa_ray.io.image_refs import RefError, as_ref_list, resolve
+from persqa_ray.io.resume import ResumeOptions, ShardState, load_shard_state, retry_owner
 from persqa_ray.io.row_ids import given_row_id, positional_row_id
 
 READ_BATCH_ROWS = 512
@@ -39,7 +39,8 @@ class ReadOptions:
 def normalize_row(record: Any, shard: str, position: int, opts: ReadOptions) -> dict[str, Any]:
     """One input record -> one normalized row (never raises: problems become a status)."""
     row: dict[str, Any] = {"row_id": positional_row_id(shard, position), "image": [],
-                           "status": schema.OK, "error": None, schema.SOURCE: shard}
+                           "status": schema.OK, "error": None, schema.SOURCE: shard, schema.POSITION: position,
+                           schema.REPLACES: None}
     if not isinstance(record, dict):
         row.update(status=schema.BAD_RECORD,
                    error=f"{os.path.basename(shard)} row {position}: a {type(record).__name__}, not an object")
@@ -112,51 +113,69 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
     table = pa.table({n: _column([r.get(n) for r in rows]) for n in names})
     # Pin the types of our own columns (a batch of only error rows would infer null types).
     fixed = {"row_id": pa.string(), "image": pa.list_(pa.string()), "status": pa.string(),
-             "error": pa.string(), schema.SOURCE: pa.string()}
+             "error": pa.string(), schema.SOURCE: pa.string(), schema.POSITION: pa.int64(),
+             schema.REPLACES: pa.string()}
     for name, typ in fixed.items():
+        if name not in table.column_names:
+            continue
         i = table.schema.get_field_index(name)
         table = table.set_column(i, name, table.column(name).cast(typ))
     return table
 
 
-def is_done(row_ids: list[str], done: Optional[np.ndarray]) -> list[bool]:
-    """Membership in the sorted array of row ids a previous run already committed."""
-    if done is None or len(done) == 0:
-        return [False] * len(row_ids)
-    q = np.array(row_ids, dtype=str)  # numpy compares across string widths: no truncation
-    pos = np.searchsorted(done, q).clip(0, len(done) - 1)
-    return list(done[pos] == q)
+def _claim_ids(rows: list[dict], shard: str, stats) -> None:
+    """input.id_column: the first claim of a value keeps it, later rows become duplicate_row_id
+    rows. A claim is keyed by (shard, position), so a read task that Ray retries gets its own ids
+    back instead of finding them taken. Done rows claim too: on a resume a second row with an
+    already committed id is still a duplicate, not a silent twin."""
+    import ray
+    given = [r for r in rows if r.get("_pq_given_id")]
+    if not given:
+        return
+    owned = ray.get(stats.claim.remote([r["_pq_given_id"] for r in given],
+                                       [f"{shard}\x00{r[schema.POSITION]}" for r in given]))
+    for r, mine in zip(given, owned):
+        if not mine:
+            r.update(row_id=r["_pq_positional_id"], status=schema.DUPLICATE_ROW_ID,
+                     error=f"input.id_column value {r['_pq_given_id']!r} is already used by another row")
 
 
-def _finish(rows: list[dict], opts: ReadOptions, stats, done) -> Optional[pa.Table]:
-    """Drop rows a previous run committed (resume); flag repeated id_column values."""
+def _finish(rows: list[dict], shard: str, opts: ReadOptions, stats, state: Optional[ShardState],
+            tally: dict) -> Optional[pa.Table]:
+    """Drop rows a previous run committed (resume), mark rows an error retry redoes, flag
+    repeated id_column values."""
     if not rows:
         return None
-    skip = is_done([r["row_id"] for r in rows], done)
-    kept = [r for r, s in zip(rows, skip) if not s]
-    if stats is not None and sum(skip):
-        stats.add.remote("rows_resumed", int(sum(skip)))
-    if opts.id_column and stats is not None and kept:
-        import ray
-        given = [r for r in kept if r.get("_pq_given_id")]
-        owned = ray.get(stats.claim.remote([r["_pq_given_id"] for r in given]))
-        for r, mine in zip(given, owned):
-            if not mine:
-                r.update(row_id=r["_pq_positional_id"], status=schema.DUPLICATE_ROW_ID,
-                         error=f"input.id_column value {r['_pq_given_id']!r} is already used by another row")
-    for r in kept:
+    if opts.id_column and stats is not None:
+        _claim_ids(rows, shard, stats)
+    kept = []
+    for r in rows:
         r.pop("_pq_given_id", None)
         r.pop("_pq_positional_id", None)
+        if state is not None and state.is_done(r[schema.POSITION]):
+            tally["resumed"] += 1
+            continue
+        old = retry_owner(state, r[schema.POSITION]) if state is not None and state.retry else None
+        if old:
+            r[schema.REPLACES] = old
+            tally["retried"] += 1
+        kept.append(r)
     return rows_to_table(kept) if kept else None
 
 
 def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None,
-               done: Optional[np.ndarray] = None) -> Iterator[pa.Table]:
-    """Yield batches of normalized rows for one shard; report its row count (or failure) to stats."""
+               resume: Optional[ResumeOptions] = None) -> Iterator[pa.Table]:
+    """Yield batches of normalized rows for one shard; report its row count (or failure) to stats.
+
+    With `resume`, the shard's own commit state is loaded first (io/resume.py): rows done by an
+    earlier run are skipped. Memory: one shard's done ranges and one block of rows."""
+    state = load_shard_state(shard, resume) if resume is not None else None
+    tally = {"resumed": 0, "retried": 0}
     fs, p = filesystem(shard, opts.storage_options)
     records = _jsonl_records if fmt == "jsonl" else _parquet_records
     rows: list[dict] = []
     count = 0
+    failure = None
     try:
         with fs.open(p, "rb") as f:
             if fmt == "parquet":
@@ -165,30 +184,28 @@ def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None,
                 rows.append(row)
                 count += 1
                 if len(rows) >= opts.block_rows:
-                    table = _finish(rows, opts, stats, done)
+                    table = _finish(rows, shard, opts, stats, state, tally)
                     rows = []
                     if table is not None:
                         yield table
     except Exception as e:  # noqa: BLE001 - a shard that cannot be parsed is reported, not fatal
-        if stats is not None:
-            import ray
-            ray.get(stats.shard_failed.remote(shard, f"{type(e).__name__}: {e}", count))
-        table = _finish(rows, opts, stats, done)
-        if table is not None:
-            yield table
-        return
-    table = _finish(rows, opts, stats, done)
+        failure = f"{type(e).__name__}: {e}"
+    table = _finish(rows, shard, opts, stats, state, tally)
     if table is not None:
         yield table
     if stats is not None:
         import ray
-        ray.get(stats.shard_read.remote(shard, count))
+        extra = {"rows_resumed": tally["resumed"], "rows_retried": tally["retried"]}
+        if state is not None:
+            extra.update(records_dropped=state.records_dropped, orphan_files_removed=state.orphan_files_removed)
+        ray.get(stats.shard_read.remote(shard, count, extra, failure))
 
 
-def read_shards_batch(batch: dict, opts: ReadOptions, stats=None, done=None) -> Iterator[pa.Table]:
+def read_shards_batch(batch: dict, opts: ReadOptions, stats=None,
+                      resume: Optional[ResumeOptions] = None) -> Iterator[pa.Table]:
     """map_batches UDF over the shard list: each batch holds one or more (shard, format) items."""
     for shard, fmt in zip(batch["shard"], batch["format"]):
-        yield from read_shard(str(shard), str(fmt), opts, stats, done)
+        yield from read_shard(str(shard), str(fmt), opts, stats, resume)
 
 
 def concept_values_batch(batch: dict, opts: ReadOptions, column: str) -> Iterator[pa.Table]:

@@ -288,8 +288,8 @@ class AsyncGenerateStage(_StageBase):
 
 
 def _to_table(batch: pa.Table, cols: dict[str, list], qas: list[_QA], o: GenerateOptions) -> pa.Table:
-    keep = [n for n in batch.column_names
-            if n not in schema.OUTPUT_COLUMNS and not n.startswith(schema.INTERNAL_PREFIX)]
+    keep = [n for n in batch.column_names if n in schema.WRITER_COLUMNS or
+            (n not in schema.OUTPUT_COLUMNS and not n.startswith(schema.INTERNAL_PREFIX))]
     out = batch.select(keep).take(pa.array([qa.src for qa in qas], pa.int64()))
     item = (lambda qa, key, default=None: qa.item[key] if qa.item is not None else default)
     values = {

@@ -1,0 +1,125 @@
+"""Resume state of one shard, loaded by that shard's read task (never built on the driver).
+
+The task lists `_commits/<shard key>/` of the output, and under the run's lease:
+- deletes the files an unfinished commit announced (`.pending` without its record: a crash),
+- drops records whose files are missing or changed (their rows are redone), deleting what is
+  left of them (files this job wrote; nothing else is touched),
+- returns the positions done, as compact ranges, minus the rows `--retry-errors` redoes.
+Memory per task: one shard's ranges, which stay a handful for a shard written in order.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from persqa_ray.io.commits import (output_root, merge_ranges, ranges_len, read_json, record_files_present,
+                                   shard_dir)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResumeOptions:
+    path: str                       # output.path
+    storage_options: dict
+    retry_statuses: tuple[str, ...] = ()   # --retry-errors: rows with these statuses are redone
+
+
+@dataclass
+class ShardState:
+    done: list[list[int]] = field(default_factory=list)     # merged [start, end) ranges
+    retry: dict[str, list[list[int]]] = field(default_factory=dict)  # record uid -> positions to redo
+    records_dropped: int = 0
+    orphan_files_removed: int = 0
+    _starts: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        self._starts = [s for s, _ in self.done]
+
+    def is_done(self, position: int) -> bool:
+        i = bisect.bisect_right(self._starts, position) - 1
+        return i >= 0 and position < self.done[i][1]
+
+    @property
+    def rows_done(self) -> int:
+        return ranges_len(self.done)
+
+
+def _rm_quiet(fs, path: str) -> int:
+    try:
+        fs.rm(path)
+        return 1
+    except FileNotFoundError:
+        return 0
+
+
+def _subtract(ranges: list[list[int]], cut: list[list[int]]) -> list[list[int]]:
+    out = []
+    for s, e in ranges:
+        pieces = [[s, e]]
+        for cs, ce in cut:
+            nxt = []
+            for ps, pe in pieces:
+                if ce <= ps or cs >= pe:
+                    nxt.append([ps, pe])
+                    continue
+                if ps < cs:
+                    nxt.append([ps, cs])
+                if ce < pe:
+                    nxt.append([ce, pe])
+            pieces = nxt
+        out += pieces
+    return merge_ranges(out)
+
+
+def load_shard_state(shard: str, opts: ResumeOptions) -> ShardState:
+    fs, root = output_root(opts.path, opts.storage_options)
+    sdir = shard_dir(root, shard)
+    if not fs.exists(sdir):
+        return ShardState()
+    names = sorted(fs.ls(sdir, detail=False))
+    records = {os.path.basename(p)[:-5]: p for p in names if p.endswith(".json") and not os.path.basename(p).startswith(".")}
+    state = ShardState()
+    for path in names:
+        base = os.path.basename(path)
+        if base.endswith(".tmp"):  # a record's own temporary file: a crash mid-write
+            _rm_quiet(fs, path)
+        elif base.endswith(".pending") and base[:-8] not in records:
+            intent = read_json(fs, path) or {}
+            for rel in intent.get("files", []):
+                state.orphan_files_removed += _rm_quiet(fs, f"{root}/{rel}")
+                d = f"{root}/{os.path.dirname(rel)}"
+                state.orphan_files_removed += _rm_quiet(fs, f"{d}/.{os.path.basename(rel)}.tmp")
+            _rm_quiet(fs, path)
+        elif base.endswith(".pending"):  # the record exists: the crash fell after step 3
+            _rm_quiet(fs, path)
+    done, retry_cut = [], []
+    for uid, path in records.items():
+        rec = read_json(fs, path)
+        if rec is None or not record_files_present(fs, root, rec):
+            # Not trusted: remove what is left of it (files we wrote) and redo its rows.
+            for f in (rec or {}).get("files", []):
+                _rm_quiet(fs, f"{root}/{f['path']}")
+            _rm_quiet(fs, path)
+            state.records_dropped += 1
+            log.warning("commit record %s of %s is missing files: its rows will be redone", uid, shard)
+            continue
+        done += rec["ranges"]
+        redo = merge_ranges([r for st in opts.retry_statuses for r in rec.get("errors", {}).get(st, [])])
+        if redo:
+            state.retry[uid] = redo
+            retry_cut += redo
+    state.done = _subtract(merge_ranges(done), merge_ranges(retry_cut)) if retry_cut else merge_ranges(done)
+    state.__post_init__()
+    return state
+
+
+def retry_owner(state: ShardState, position: int) -> Optional[str]:
+    """The record whose error row at `position` this run redoes (None: not a retried row)."""
+    for uid, ranges in state.retry.items():
+        if any(s <= position < e for s, e in ranges):
+            return uid
+    return None
