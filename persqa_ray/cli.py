@@ -143,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(e.summary, indent=2) if args.json else human_summary(e.summary))
             print(f"persqa-ray: run failed: {e}", file=sys.stderr)
             return 3
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a run that stopped: one clear line, the traceback in the log
+            logging.getLogger("persqa_ray").debug("run stopped", exc_info=True)
+            print(f"persqa-ray: run stopped: {type(e).__name__}: {str(e)[-2000:]}", file=sys.stderr)
+            return 1
     except ConfigError as e:
         print(f"persqa-ray: config error: {e}", file=sys.stderr)
         return 2

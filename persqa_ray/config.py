@@ -207,7 +207,14 @@ class EngineConfig(_Section):
     api_key_env: Optional[str] = Field(
         None, description="openai: name of the environment variable holding the API key (the key itself "
         "never goes in the config, logs or outputs).")
-    request_timeout_s: float = Field(120.0, gt=0, description="openai: timeout of one request.")
+    request_timeout_s: Optional[float] = Field(
+        None, gt=0, description="Timeout of one request. openai: per attempt (unset: 120 s). vllm (async "
+        "engine): from submission to the last token (unset: 600 s); a request past it is aborted, the engine "
+        "is taken for hung and restarted, and the batch retried once on the new engine.")
+    max_restarts: int = Field(
+        3, ge=0, description="Engines one actor may rebuild after its engine died or hung. Past it the actor "
+        "exits so Ray replaces it with a fresh one (no later row is answered with an error by a dead engine); "
+        "after 3 such exits in one run the run fails.")
     max_concurrency: int = Field(8, ge=1, description="openai: requests one actor has open at once.")
     max_attempts: int = Field(
         4, ge=1, description="openai: tries per request on 429/5xx/timeouts/connection errors, with "

@@ -19,6 +19,7 @@ from persqa_ray.config import ConfigError, PersQAConfig, load_config
 from persqa_ray.engines.base import EngineSpec
 from persqa_ray.io.filesystems import is_url, list_shards, parent_of
 from persqa_ray.io.commits import WriteOptions, write_committed
+from persqa_ray.io.duplicate_ids import find_duplicate_ids, remove_work
 from persqa_ray.io.outputs import check_output_location, open_output, without_outputs
 from persqa_ray.io.readers import ReadOptions, concept_values_batch, read_shards_batch
 from persqa_ray.io.resume import ResumeOptions
@@ -63,7 +64,7 @@ def engine_spec(cfg: PersQAConfig) -> EngineSpec:
     if e.kind == "openai":
         return EngineSpec(kind="openai", options=dict(
             model=e.model, base_url=e.base_url, api_key_env=e.api_key_env, max_concurrency=e.max_concurrency,
-            request_timeout_s=e.request_timeout_s, max_attempts=e.max_attempts, backoff_s=e.backoff_s,
+            request_timeout_s=e.request_timeout_s or 120.0, max_attempts=e.max_attempts, backoff_s=e.backoff_s,
             max_tokens=e.max_tokens, temperature=e.temperature, top_p=e.top_p, structured=e.openai_structured))
     return EngineSpec(kind=e.kind, options=dict(
         model=e.model, tensor_parallel_size=e.tensor_parallel_size, max_model_len=e.max_model_len,
@@ -71,7 +72,8 @@ def engine_spec(cfg: PersQAConfig) -> EngineSpec:
         max_images_per_prompt=e.max_images_per_prompt, max_tokens=e.max_tokens,
         temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
         repetition_penalty=e.repetition_penalty, seed=cfg.prompt.seed, env=dict(e.env),
-        engine_kwargs=dict(e.engine_kwargs), async_engine=e.async_engine, ignore_eos=e.ignore_eos))
+        engine_kwargs=dict(e.engine_kwargs), async_engine=e.async_engine, ignore_eos=e.ignore_eos,
+        request_timeout_s=e.request_timeout_s or 600.0))
 
 
 def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str, str]]] = None) -> Plan:
@@ -144,7 +146,8 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
         generate=GenerateOptions(engine=engine_spec(cfg), model_name=cfg.engine.model, requests=req,
                                  prompt_version=ts.prompt_version, seed=cfg.prompt.seed,
                                  pers_qa_format=cfg.output.pers_qa_format or ts.pers_qa_format,
-                                 max_retries=cfg.engine.max_retries, guided_prefix=cfg.engine.guided_prefix),
+                                 max_retries=cfg.engine.max_retries, guided_prefix=cfg.engine.guided_prefix,
+                                 max_engine_restarts=cfg.engine.max_restarts),
         warnings=warnings)
 
 
@@ -279,9 +282,22 @@ def build_dataset(config: Union[PersQAConfig, dict, str], _plan: Optional[Plan] 
     p = _plan or plan(config)
     init_ray(p.config)
     p = discover_concepts(p)
+    # id_column: the pre-pass results stay under output.path/_work/ (this dataset is lazy, so
+    # they cannot be removed here; `--overwrite` clears _work/).
+    p, _ = _with_duplicate_ids(p)
     stats = RunStats.remote()
     _STATS_HANDLES.append(stats)
     return _compose(p, stats).drop_columns(list(schema.WRITER_COLUMNS))
+
+
+def _with_duplicate_ids(p: Plan) -> tuple[Plan, Optional[str]]:
+    """input.id_column: decide which rows lose a repeated id (a Ray Data aggregation)."""
+    cfg = p.config
+    if not cfg.input.id_column:
+        return p, None
+    so = dict(cfg.output.storage_options)
+    work = find_duplicate_ids(p.shards, p.read, cfg.output.path, so)
+    return dataclasses.replace(p, read=dataclasses.replace(p.read, dups_dir=work, output_storage_options=so)), work
 
 
 def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> dict[str, Any]:
@@ -295,10 +311,12 @@ def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> di
     p = plan(cfg)
     cfg = p.config
     lease = open_output(cfg, p.shards)
+    work = None
     try:
         init_ray(cfg)
         started = time.time()
         p = discover_concepts(p)
+        p, work = _with_duplicate_ids(p)
         for w in p.warnings:
             log.warning("%s", w)
         stats = RunStats.remote()
@@ -321,6 +339,7 @@ def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> di
                             max_error_fraction=cfg.run.max_error_fraction)
         write_summary(cfg.output, summary)
     finally:
+        remove_work(work, dict(cfg.output.storage_options))
         lease.release()
     if summary.get("failed"):
         raise RunFailed(summary)

@@ -21,6 +21,7 @@ Prints a table and writes the same as JSON.
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import os
 import subprocess
@@ -77,26 +78,56 @@ def make_small_inputs(d: Path, n: int, shards: int = 8) -> Path:
     return d
 
 
+def _standin_run(work: Path, name: str, inputs: Path, out: Path, env: dict) -> dict:
+    """One stand-in pipeline run through the CLI, measured: wall time, peak RSS of the driver and
+    of the whole process tree (driver, Ray's processes, workers)."""
+    cfg = {"input": {"path": str(inputs), "block_rows": 512},
+           "image": {"max_pixels": 50176, "batch_size": 64, "concurrency": 1, "num_cpus": 0.5},
+           "engine": {"kind": "standin", "model": "standin", "max_tokens": 16, "batch_size": 64,
+                      "num_cpus": 0.5, "max_batches_in_flight": 4},
+           "output": {"path": str(out)}}
+    cfg_path = work / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    secs, rss, text, driver = run_measured(
+        [sys.executable, "-m", "persqa_ray", "run", str(cfg_path), "--json", "--quiet"], work, env, driver=True)
+    s = json.loads(text[text.index("{"):])
+    r = {"rows_in": s["rows_in"], "rows_generated": s["rows_in"] - s["rows_resumed"],
+         "rows_resumed": s["rows_resumed"], "consistent": s["consistent"], "duplicates": s["duplicates"],
+         "seconds": round(secs, 1), "pipeline_seconds": s["seconds"],
+         "driver_peak_rss_gib": round(driver, 3), "tree_peak_rss_gib": round(rss, 3)}
+    print(f"[bench] {name}: {r}", file=sys.stderr)
+    return r
+
+
 def memory_bench(work: Path, sizes: list[int], env: dict) -> list[dict]:
-    """Peak RSS of the whole process tree for the stand-in pipeline at each N (same config)."""
+    """Peak RSS of the driver and of the whole process tree for the stand-in pipeline at each N."""
     out = []
     for n in sizes:
         d = make_small_inputs(work / f"mem-{n}", n)
-        cfg = {"input": {"path": str(d), "block_rows": 512},
-               "image": {"max_pixels": 50176, "batch_size": 64, "concurrency": 1, "num_cpus": 0.5},
-               "engine": {"kind": "standin", "model": "standin", "max_tokens": 16, "batch_size": 64,
-                          "num_cpus": 0.5, "max_batches_in_flight": 4},
-               "output": {"path": str(work / f"mem-out-{n}"), "overwrite": True}}
-        cfg_path = work / f"mem-{n}.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg))
-        secs, rss, text = run_measured([sys.executable, "-m", "persqa_ray", "run", str(cfg_path), "--json", "--quiet"],
-                                       work, env)
-        s = json.loads(text[text.index("{"):])
-        r = {"rows": n, "rows_ok": s["rows_ok"], "seconds": round(secs, 1), "rows_per_s": round(n / secs, 1),
-             "peak_rss_gib": round(rss, 3)}
-        print(f"[bench] memory N={n}: {r}", file=sys.stderr)
-        out.append(r)
+        out.append({"rows": n, **_standin_run(work, f"mem-{n}", d, work / f"mem-out-{n}", env)})
     return out
+
+
+def resume_bench(work: Path, n: int, env: dict) -> dict:
+    """Resume an N-row output with 1% of rows left (a new shard of N/100 rows), next to a fresh
+    run of the same 1%: start-up time and driver memory should be close (the resume state is
+    loaded per shard by the read tasks, never on the driver)."""
+    d = work / f"mem-{n}"
+    extra = n // 100
+    shutil.copy(d / "rows-00.jsonl", work / "tmp-head.jsonl")
+    lines = (work / "tmp-head.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    with open(d / "rows-new.jsonl", "w") as f:
+        for i in range(extra):
+            f.write(json.dumps({**rows[i % len(rows)], "n": n + i}) + "\n")
+    resumed = _standin_run(work, f"resume-{n}", d, work / f"mem-out-{n}", env)
+    fresh_dir = work / f"fresh-{extra}"
+    (fresh_dir).mkdir(exist_ok=True)
+    if not (fresh_dir / "images").exists():
+        (fresh_dir / "images").symlink_to(d / "images")
+    shutil.copy(d / "rows-new.jsonl", fresh_dir / "rows-new.jsonl")
+    fresh = _standin_run(work, f"fresh-{extra}", fresh_dir, work / f"fresh-out-{extra}", env)
+    return {"output_rows": n, "rows_left": extra, "resume": resumed, "fresh": fresh}
 
 
 def decode_bench(work: Path, n: int, max_pixels: int) -> dict:
@@ -232,30 +263,33 @@ def ray_data_llm(shard: str, model: str, max_tokens: int, max_pixels: int, gpu: 
             "tag_first": sum(r["text"].startswith("<mam>") for r in rows)}
 
 
-def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float = 1800) -> tuple[float, float, str]:
-    """(seconds, peak RSS GiB of the process tree, stdout). The child runs in its own process
-    group, killed whole on timeout or when this process is interrupted."""
+def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float = 3600, driver: bool = False):
+    """(seconds, peak RSS GiB of the process tree, stdout[, peak RSS GiB of the child itself]).
+    The child runs in its own process group, killed whole on timeout or when this process is
+    interrupted."""
     import signal
     t0 = time.time()
     log = open(Path(cwd) / f"contender-{int(t0)}.err", "w")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
                             start_new_session=True)
     try:
-        return _measure(proc, t0, timeout)
+        secs, tree, out, own = _measure(proc, t0, timeout)
+        return (secs, tree, out, own) if driver else (secs, tree, out)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 
-def _measure(proc, t0: float, timeout: float) -> tuple[float, float, str]:
+def _measure(proc, t0: float, timeout: float) -> tuple[float, float, str, float]:
     import psutil
-    peak = 0
+    peak = own = 0
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         if time.time() - t0 > timeout:
             raise TimeoutError(f"{proc.args[:3]} ran past {timeout} s")
         try:
+            own = max(own, root.memory_info().rss)
             procs = [root] + root.children(recursive=True)
             peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
         except psutil.Error:
@@ -264,7 +298,7 @@ def _measure(proc, t0: float, timeout: float) -> tuple[float, float, str]:
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{proc.args[:4]} failed ({proc.returncode}): {out[-2000:]} (its stderr: contender-*.err in the work dir)")
-    return time.time() - t0, peak / 2**30, out
+    return time.time() - t0, peak / 2**30, out, own / 2**30
 
 
 def pipeline_config(shard: Path, out: Path, model: str, max_tokens: int, max_pixels: int, gpu: bool,
@@ -292,6 +326,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--memory", default=None, metavar="N1,N2",
                     help="instead: peak memory of the stand-in pipeline at each N (e.g. 10000,100000)")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --memory: then resume the largest output with 1%% of rows left, next to a fresh "
+                    "run of that 1%%")
     ap.add_argument("--distinct", type=int, default=0,
                     help="rows cycle over this many distinct image files (0: one file per row)")
     ap.add_argument("--decode", type=int, default=None, metavar="N",
@@ -307,9 +344,15 @@ def main() -> None:
         print(json.dumps(r, indent=2))
         return
     if a.memory:
-        results = memory_bench(work, [int(x) for x in a.memory.split(",")], env)
-        report = {"mode": "memory", "engine": "standin", "cpu_count": os.cpu_count(), "results": results,
-                  "ratio_last_to_first": round(results[-1]["peak_rss_gib"] / results[0]["peak_rss_gib"], 3)}
+        sizes = [int(x) for x in a.memory.split(",")]
+        results = memory_bench(work, sizes, env)
+        first, last = results[0], results[-1]
+        report = {"mode": "memory", "engine": "standin (benchmark instrument: no model)",
+                  "cpu_count": os.cpu_count(), "results": results,
+                  "driver_ratio_last_to_first": round(last["driver_peak_rss_gib"] / first["driver_peak_rss_gib"], 3),
+                  "tree_ratio_last_to_first": round(last["tree_peak_rss_gib"] / first["tree_peak_rss_gib"], 3)}
+        if a.resume:
+            report["resume"] = resume_bench(work, sizes[-1], env)
         Path(a.out).write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         return

@@ -30,6 +30,27 @@ def data_url(image: np.ndarray, quality: int = 95) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+MAX_RETRY_AFTER_S = 120.0
+
+
+def retry_after(e: Exception) -> float:
+    """Seconds the server asked us to wait (429/503 `Retry-After`, seconds or an HTTP date), capped."""
+    headers = getattr(getattr(e, "response", None), "headers", None) or {}
+    value = headers.get("retry-after") if hasattr(headers, "get") else None
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        import time
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return 0.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
 class OpenAIEngine:
     def __init__(self, model: str, *, base_url: str, api_key_env: Optional[str] = None,
                  max_concurrency: int = 8, request_timeout_s: float = 120.0, max_attempts: int = 4,
@@ -83,7 +104,8 @@ class OpenAIEngine:
                 if not self._retryable(e):
                     break
                 if attempt + 1 < self.max_attempts:
-                    await asyncio.sleep(self.backoff_s * (2 ** attempt) * (0.5 + random.random()))
+                    delay = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
+                    await asyncio.sleep(max(delay, retry_after(e)))
         return GenerationResult(None, error=f"{error} after {attempt + 1} attempt(s)",
                                 latency_s=loop.time() - started)
 

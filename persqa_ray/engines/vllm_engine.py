@@ -54,7 +54,7 @@ class VLLMEngine:
                  top_p: float = 0.9, top_k: Optional[int] = None, repetition_penalty: float = 1.0,
                  seed: int = 0, env: Optional[dict[str, str]] = None,
                  engine_kwargs: Optional[dict[str, Any]] = None, async_engine: bool = False,
-                 ignore_eos: bool = False):
+                 ignore_eos: bool = False, request_timeout_s: Optional[float] = None):
         for k, v in (env or {}).items():  # before vLLM is imported: its engine process inherits them
             os.environ.setdefault(k, str(v))
         self.version = check_vllm()
@@ -67,6 +67,8 @@ class VLLMEngine:
         self._SamplingParams = SamplingParams
         self._StructuredOutputsParams = StructuredOutputsParams
         self.model_name = model
+        self.request_timeout_s = request_timeout_s
+        self.hung = False  # a request outlived its timeout: the engine is taken for dead
         self.sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              repetition_penalty=repetition_penalty, ignore_eos=ignore_eos)
         if top_k is not None:
@@ -153,10 +155,25 @@ class VLLMEngine:
 
     async def _agenerate_one(self, req: GenerationRequest) -> GenerationResult:
         started = time.perf_counter()
+        request_id = uuid.uuid4().hex
         final = None
-        try:
-            async for out in self.async_llm.generate(self._inputs(req), self._params(req), uuid.uuid4().hex):
+
+        async def consume():
+            nonlocal final
+            async for out in self.async_llm.generate(self._inputs(req), self._params(req), request_id):
                 final = out
+        try:
+            await asyncio.wait_for(consume(), self.request_timeout_s)
+        except asyncio.TimeoutError:
+            # A request this late means a hung engine (a stuck process answers nothing): abort it
+            # and report the engine dead, so the stage rebuilds it and retries the batch.
+            self.hung = True
+            try:
+                await asyncio.wait_for(self.async_llm.abort(request_id), 5)
+            except Exception:  # noqa: BLE001 - the engine may not answer at all
+                pass
+            return GenerationResult(None, error=f"TimeoutError: no answer in {self.request_timeout_s:g} s "
+                                    "(engine.request_timeout_s)")
         except Exception as e:  # noqa: BLE001 - this request only (or a dead engine: see alive())
             return GenerationResult(None, error=f"{type(e).__name__}: {e}")
         if final is None:
@@ -170,6 +187,8 @@ class VLLMEngine:
                                 num_output_tokens=len(c.token_ids or []), latency_s=latency)
 
     def alive(self) -> bool:
+        if self.hung:
+            return False
         if self.async_llm is not None:
             return not self.async_llm.errored
         engine = getattr(self.llm, "llm_engine", None)

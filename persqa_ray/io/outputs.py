@@ -129,7 +129,7 @@ def clear_output(fs, root: str) -> list[str]:
         rel = path[len(root) + 1:]
         name = rel.rsplit("/", 1)[-1]
         top = rel.split("/", 1)[0]
-        if top == "_commits" or (rel == name and name in _OUR_TOP_FILES and name != LEASE_FILE) \
+        if top in ("_commits", "_work") or (rel == name and name in _OUR_TOP_FILES and name != LEASE_FILE) \
                 or (_OUR_DATA_FILE.match(name) and all("=" in s for s in rel.split("/")[:-1])):
             fs.rm(path)
         elif name != LEASE_FILE:

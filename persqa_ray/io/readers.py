@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from persqa_ray import schema
 from persqa_ray.io.filesystems import filesystem, parent_of
 from persqa_ray.io.image_refs import RefError, as_ref_list, resolve
+from persqa_ray.io.duplicate_ids import load_duplicate_positions
 from persqa_ray.io.resume import ResumeOptions, ShardState, load_shard_state, retry_owner
 from persqa_ray.io.row_ids import given_row_id, positional_row_id
 
@@ -34,6 +35,8 @@ class ReadOptions:
     cwd: str                # the driver's cwd, captured when the pipeline is built
     storage_options: dict[str, Any]
     block_rows: int = READ_BATCH_ROWS
+    dups_dir: Optional[str] = None     # id_column: the duplicate-id pre-pass results (io/duplicate_ids.py)
+    output_storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 def normalize_row(record: Any, shard: str, position: int, opts: ReadOptions) -> dict[str, Any]:
@@ -123,35 +126,24 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
     return table
 
 
-def _claim_ids(rows: list[dict], shard: str, stats) -> None:
-    """input.id_column: the first claim of a value keeps it, later rows become duplicate_row_id
-    rows. A claim is keyed by (shard, position), so a read task that Ray retries gets its own ids
-    back instead of finding them taken. Done rows claim too: on a resume a second row with an
-    already committed id is still a duplicate, not a silent twin."""
-    import ray
-    given = [r for r in rows if r.get("_pq_given_id")]
-    if not given:
-        return
-    owned = ray.get(stats.claim.remote([r["_pq_given_id"] for r in given],
-                                       [f"{shard}\x00{r[schema.POSITION]}" for r in given]))
-    for r, mine in zip(given, owned):
-        if not mine:
-            r.update(row_id=r["_pq_positional_id"], status=schema.DUPLICATE_ROW_ID,
-                     error=f"input.id_column value {r['_pq_given_id']!r} is already used by another row")
+def _mark_duplicates(rows: list[dict], dup_positions: set[int]) -> None:
+    """input.id_column: rows the pre-pass found to repeat an earlier row's id lose it."""
+    for r in rows:
+        given = r.pop("_pq_given_id", None)
+        positional = r.pop("_pq_positional_id", None)
+        if given is not None and r[schema.POSITION] in dup_positions:
+            r.update(row_id=positional, status=schema.DUPLICATE_ROW_ID,
+                     error=f"input.id_column value {given!r} is already used by an earlier row")
 
 
-def _finish(rows: list[dict], shard: str, opts: ReadOptions, stats, state: Optional[ShardState],
-            tally: dict) -> Optional[pa.Table]:
-    """Drop rows a previous run committed (resume), mark rows an error retry redoes, flag
-    repeated id_column values."""
+def _finish(rows: list[dict], dups: set[int], state: Optional[ShardState], tally: dict) -> Optional[pa.Table]:
+    """Flag repeated id_column values, drop rows a previous run committed (resume), mark rows an
+    error retry redoes."""
     if not rows:
         return None
-    if opts.id_column and stats is not None:
-        _claim_ids(rows, shard, stats)
+    _mark_duplicates(rows, dups)
     kept = []
     for r in rows:
-        r.pop("_pq_given_id", None)
-        r.pop("_pq_positional_id", None)
         if state is not None and state.is_done(r[schema.POSITION]):
             tally["resumed"] += 1
             continue
@@ -170,6 +162,7 @@ def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None,
     With `resume`, the shard's own commit state is loaded first (io/resume.py): rows done by an
     earlier run are skipped. Memory: one shard's done ranges and one block of rows."""
     state = load_shard_state(shard, resume) if resume is not None else None
+    dups = load_duplicate_positions(shard, opts.dups_dir, opts.output_storage_options) if opts.id_column else set()
     tally = {"resumed": 0, "retried": 0}
     fs, p = filesystem(shard, opts.storage_options)
     records = _jsonl_records if fmt == "jsonl" else _parquet_records
@@ -184,13 +177,13 @@ def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None,
                 rows.append(row)
                 count += 1
                 if len(rows) >= opts.block_rows:
-                    table = _finish(rows, shard, opts, stats, state, tally)
+                    table = _finish(rows, dups, state, tally)
                     rows = []
                     if table is not None:
                         yield table
     except Exception as e:  # noqa: BLE001 - a shard that cannot be parsed is reported, not fatal
         failure = f"{type(e).__name__}: {e}"
-    table = _finish(rows, shard, opts, stats, state, tally)
+    table = _finish(rows, dups, state, tally)
     if table is not None:
         yield table
     if stats is not None:
@@ -199,6 +192,15 @@ def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None,
         if state is not None:
             extra.update(records_dropped=state.records_dropped, orphan_files_removed=state.orphan_files_removed)
         ray.get(stats.shard_read.remote(shard, count, extra, failure))
+
+
+def iter_records(shard: str, fmt: str, opts: ReadOptions) -> Iterator[dict]:
+    """The shard's normalized rows, one at a time (the duplicate-id pre-pass reads only this)."""
+    fs, p = filesystem(shard, opts.storage_options)
+    with fs.open(p, "rb") as f:
+        if fmt == "parquet":
+            f = io.BytesIO(f.read()) if not hasattr(f, "seek") else f
+        yield from (_jsonl_records if fmt == "jsonl" else _parquet_records)(f, shard, opts)
 
 
 def read_shards_batch(batch: dict, opts: ReadOptions, stats=None,

@@ -13,6 +13,7 @@ from persqa_ray import schema
 from persqa_ray.config import OutputConfig
 from persqa_ray.io.commits import add_counts, merge_ranges, output_root, ranges_len, shard_dirs
 from persqa_ray.io.commits import read_json, record_files_present, RECORD_VERSION
+from persqa_ray.io.filesystems import is_url
 from persqa_ray.io.outputs import SUMMARY_FILE
 
 
@@ -24,8 +25,10 @@ def _sub_counts(total: dict, part: dict) -> None:
             total[k] = total.get(k, 0) - v
 
 
-def fold_records(path: str, storage_options: Optional[dict] = None) -> dict[str, Any]:
-    """Sum of every trusted record's counts, the superseded rows of error retries taken out."""
+def fold_records(path: str, storage_options: Optional[dict] = None, validate: bool = True) -> dict[str, Any]:
+    """Sum of every trusted record's counts, the superseded rows of error retries taken out.
+    `validate`: check each record's files (a stat each; on an object store a request each, so
+    the end-of-run summary there relies on the read tasks having checked them at the start)."""
     fs, root = output_root(path, storage_options)
     total: dict[str, Any] = {"records": 0, "duplicates": 0, "rows_retried": 0}
     for sdir in shard_dirs(fs, root):
@@ -34,7 +37,8 @@ def fold_records(path: str, storage_options: Optional[dict] = None) -> dict[str,
             if not p.endswith(".json") or p.rsplit("/", 1)[-1].startswith("."):
                 continue
             rec = read_json(fs, p)
-            if rec is None or rec.get("version") != RECORD_VERSION or not record_files_present(fs, root, rec):
+            if rec is None or rec.get("version") != RECORD_VERSION or \
+                    (validate and not record_files_present(fs, root, rec)):
                 continue
             total["records"] += 1
             add_counts(total.setdefault("counts", {}), rec["counts"])
@@ -57,7 +61,7 @@ def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: s
               orphans_removed: int = 0, warnings: Optional[list[str]] = None,
               max_error_fraction: Optional[float] = None) -> dict[str, Any]:
     """The whole output's counts (a fold over records), checked against what the readers saw."""
-    fold = fold_records(out.path, out.storage_options)
+    fold = fold_records(out.path, out.storage_options, validate=not is_url(out.path))
     c = fold["counts"]
     by_status = _clean(c.get("by_status", {}))
     rows_out, rows_ok = c.get("rows", 0), c.get("rows_ok", 0)
@@ -80,6 +84,7 @@ def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: s
         "shards": stats.get("shards", 0),
         "shard_errors": stats.get("shard_errors", {}),
         "engine_restarts": stats.get("engine_restarts", 0),
+        "engine_actor_exits": stats.get("engine_actor_exits", 0),
         "nodes": stats.get("nodes", {}),
         "max_batches_in_flight": stats.get("max_batches_in_flight", 1 if rows_out else 0),
         "commit_records": fold["records"],

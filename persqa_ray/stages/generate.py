@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -21,6 +22,7 @@ from persqa_ray.stages.requests import OPEN, RECOGNITION, RequestOptions, open_i
 from persqa_ray.stages.validate import check_answer, format_pers_qa, substitute_phrase
 
 log = logging.getLogger(__name__)
+MAX_ACTOR_EXITS = 3  # engine actors that may give up in one run before the run fails
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,12 @@ class _StageBase:
         # `engine`: an already running engine (the DataFlow-style API and tests share one);
         # otherwise the actor builds its own from the spec, once.
         self._owns_engine = engine is None
+        if stats is not None and self._owns_engine:
+            import ray
+            exits = ray.get(stats.counter.remote("engine_actor_exits"))
+            if exits >= MAX_ACTOR_EXITS:
+                raise RuntimeError(f"engine actors exited {exits} times in this run because their engines kept "
+                                   "dying or hanging; stopping the run (its committed rows are kept: rerun to resume)")
         self.engine = engine if engine is not None else opts.engine.build()
         if stats is not None:
             import ray
@@ -215,6 +223,20 @@ class _StageBase:
         return (any(r.error for r in results) and not self._alive()
                 and self.engine_restarts < self.opts.max_engine_restarts)
 
+    def _give_up_if_dead(self, results: list[GenerationResult]) -> None:
+        """Restart budget spent and the engine still dead: this actor exits, so Ray replaces it
+        and retries its batches on a fresh engine, instead of every later row becoming an
+        engine_error answered by a dead engine. (A shared engine, from the DataFlow face or a
+        test, is not ours to give up: its errors stay per row.)"""
+        if not self._owns_engine or not any(r.error for r in results) or self._alive():
+            return
+        log.error("engine dead after %d restart(s) (engine.max_restarts): this actor exits for Ray to "
+                  "replace it", self.engine_restarts)
+        if self.stats is not None:
+            import ray
+            ray.get(self.stats.add.remote("engine_actor_exits", 1))
+        os._exit(1)
+
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None and getattr(self, "_owns_engine", False):
@@ -229,6 +251,7 @@ class GenerateStage(_StageBase):
         if self._can_restart(results):
             self._restart_engine()
             results = self.engine.generate(reqs)
+        self._give_up_if_dead(results)
         return results
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -265,6 +288,7 @@ class AsyncGenerateStage(_StageBase):
                     self._restart_engine()
             if self.engine is not engine:
                 results = await self.engine.agenerate(reqs)
+            self._give_up_if_dead(results)
         return results
 
     async def __call__(self, batch: pa.Table) -> pa.Table:

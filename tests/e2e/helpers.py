@@ -100,10 +100,15 @@ def pids_of(marker: str) -> list[int]:
     return [int(pid) for pid, comm, cmd in _live_processes() if marker in cmd or marker in comm]
 
 
+def commit_records(out: Path) -> list[Path]:
+    """The commit records of an output (`_commits/<shard key>/<uid>.json`)."""
+    return [p for p in out.glob("_commits/*/*.json") if not p.name.startswith(".")]
+
+
 def wait_for_commits(proc, out: Path, n: int, timeout: float = 300) -> None:
-    """Wait until a running CLI has committed n output blocks (it must still be running)."""
+    """Wait until a running CLI has committed n output units (it must still be running)."""
     deadline = time.time() + timeout
-    while not ((out / "_commits").is_dir() and len(os.listdir(out / "_commits")) >= n):
+    while len(commit_records(out)) < n:
         assert proc.poll() is None, "the run ended before the expected commits"
         assert time.time() < deadline, f"no {n} commits in {timeout}s"
         time.sleep(0.05)

@@ -81,3 +81,101 @@ def test_killed_engine_process_is_recreated(tmp_path, tiny_model):
     while engine_processes() and time.time() < deadline:
         time.sleep(0.5)
     assert engine_processes() == []
+
+
+def _engine_core_pid(proc, timeout=300) -> int:
+    deadline = time.time() + timeout
+    while not pids_of("VLLM::EngineCore"):
+        assert proc.poll() is None and time.time() < deadline, "no engine process appeared"
+        time.sleep(0.2)
+    return pids_of("VLLM::EngineCore")[0]
+
+
+def test_engine_actor_exits_when_its_restart_budget_is_spent(tmp_path, tiny_model):
+    """engine.max_restarts: 0 and the engine process killed: the actor does not answer the rest of
+    the job with engine_error from a dead engine; it exits, Ray replaces it, the batch is redone."""
+    import make_demo_data
+    data = tmp_path / "data"
+    manifest = make_demo_data.make(data, rows=40)
+    out = tmp_path / "out"
+    cfg = demo_config(data, out, tiny_model, input={"block_rows": 2},
+                      engine={"batch_size": 2, "max_tokens": 96, "max_restarts": 0}, image={"batch_size": 2})
+    with cli_running(["run", str(write_config(tmp_path / "r.yaml", cfg)), "--quiet"], tmp_path) as proc:
+        wait_for_commits(proc, out, 2)
+        os.kill(_engine_core_pid(proc), signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=400)
+    assert proc.returncode == 0, stderr[-4000:]
+    s = summary_of(out)
+    assert s["engine_actor_exits"] == 1 and s["engine_restarts"] == 0
+    assert s["rows_in"] == manifest["rows"] == s["rows_ok"] + s["rows_error"] and s["duplicates"] == 0
+    assert s["errors_by_status"] == {"bad_image": 1, "missing_image": 1}  # no engine_error at all
+    deadline = time.time() + 20
+    while engine_processes() and time.time() < deadline:
+        time.sleep(0.5)
+    assert engine_processes() == []
+
+
+def test_hung_engine_times_out_and_is_restarted(tmp_path, tiny_model):
+    """The engine process frozen (SIGSTOP): its requests outlive engine.request_timeout_s, are
+    aborted, the engine is rebuilt and the batch retried; the run finishes with every row."""
+    import make_demo_data
+    data = tmp_path / "data"
+    manifest = make_demo_data.make(data, rows=30)
+    out = tmp_path / "out"
+    cfg = demo_config(data, out, tiny_model, input={"block_rows": 2},
+                      engine={"batch_size": 2, "max_tokens": 96, "request_timeout_s": 20}, image={"batch_size": 2})
+    frozen = None
+    try:
+        with cli_running(["run", str(write_config(tmp_path / "h.yaml", cfg)), "--quiet"], tmp_path) as proc:
+            wait_for_commits(proc, out, 2)
+            frozen = _engine_core_pid(proc)
+            os.kill(frozen, signal.SIGSTOP)
+            stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        if frozen:
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                try:
+                    os.kill(frozen, sig)
+                except ProcessLookupError:
+                    pass
+    assert proc.returncode == 0, stderr[-4000:]
+    s = summary_of(out)
+    assert s["engine_restarts"] >= 1
+    assert s["rows_in"] == manifest["rows"] == s["rows_ok"] + s["rows_error"] and s["duplicates"] == 0
+    assert s["errors_by_status"] == {"bad_image": 1, "missing_image": 1}
+
+
+def test_killed_read_task_is_retried_with_the_same_ids(tmp_path, tiny_model):
+    """A read task killed by pid mid-shard: Ray retries it; ids are positional and stable, so the
+    retried rows are the same rows (no duplicates, none lost); with input.id_column no row is
+    falsely flagged as a duplicate of itself."""
+    import json
+    import make_demo_data
+    data = tmp_path / "data"
+    make_demo_data.make(data, rows=4)
+    img = str(next((data / "images").glob("*.jpg")))
+    (data / "shard-001.parquet").unlink()
+    n = 30000  # a shard big enough that its read task is caught while it runs
+    with open(data / "shard-000.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"r{i}", "image": img if i < 6 else "images/missing.jpg"}) + "\n")
+    out = tmp_path / "out"
+    cfg = demo_config(data, out, tiny_model, input={"id_column": "id", "block_rows": 4096},
+                      image={"batch_size": 512, "concurrency": 1}, engine={"batch_size": 64})
+    killed = []
+    with cli_running(["run", str(write_config(tmp_path / "k.yaml", cfg)), "--quiet"], tmp_path) as proc:
+        deadline = time.time() + 300
+        while not killed:
+            assert proc.poll() is None and time.time() < deadline, "no read task seen"
+            victims = pids_of("read_shards_batch")
+            if victims:
+                os.kill(victims[0], signal.SIGKILL)
+                killed.append(victims[0])
+            time.sleep(0.02)
+        stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-4000:]
+    s = summary_of(out)
+    assert s["rows_in"] == n == s["rows_ok"] + s["rows_error"] and s["duplicates"] == 0 and s["consistent"]
+    assert s["errors_by_status"] == {"missing_image": n - 6}  # no duplicate_row_id: ids unchanged
+    rows = persqa_ray.read_output(str(out), ["row_id", "id"]).to_pylist()
+    assert len(rows) == n and all(r["row_id"] == r["id"] for r in rows)

@@ -8,7 +8,7 @@ import pytest
 
 import persqa_ray
 from tests.conftest import demo_config
-from tests.e2e.helpers import cli_running, engine_processes, run_cli, summary_of, wait_for_commits, write_config
+from tests.e2e.helpers import cli_running, commit_records, engine_processes, run_cli, summary_of, wait_for_commits, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ def run_and_kill(cfg_path, cwd, out, at_least: int) -> int:
     """Start the CLI, SIGKILL its whole process group once `at_least` batches are committed."""
     with cli_running(["run", str(cfg_path), "--quiet"], cwd) as proc:
         wait_for_commits(proc, out, at_least)
-    return len(os.listdir(out / "_commits"))
+    return len(commit_records(out))
 
 
 def wait_no_engines(seconds=20):
@@ -55,7 +55,7 @@ def test_kill_twice_then_resume_exactly_once(tmp_path, tiny_model):
     keys = [(r["row_id"], r["qa_index"]) for r in rows]
     assert len(keys) == len(set(keys)) == manifest["rows"]  # k=1: one row per input row, none twice
     assert not [f for f in out.rglob("*") if f.name.endswith(".tmp")]
-    committed = {f for c in (out / "_commits").glob("*.json") for f in json.loads(c.read_text())["files"]}
+    committed = {f["path"] for c in commit_records(out) for f in json.loads(c.read_text())["files"]}
     on_disk = {str(f.relative_to(out)) for f in out.rglob("*.parquet")}
     assert on_disk == committed  # orphans of the killed batches were removed, nothing uncommitted left
     assert wait_no_engines() == []
@@ -76,7 +76,7 @@ def test_kill_twice_then_resume_exactly_once(tmp_path, tiny_model):
 def test_other_settings_refused_and_overwrite_starts_over(tmp_path, tiny_model, demo_data):
     out = tmp_path / "out"
     (out / "_commits").mkdir(parents=True)
-    (out / "_run.json").write_text(json.dumps({"prompt": {"tag": "bo"}}))
+    (out / "_run.json").write_text(json.dumps({"persqa_ray_output": True, "prompt": {"tag": "bo"}}))
     cfg = write_config(tmp_path / "c.yaml", demo_config(demo_data[0], out, tiny_model))
     proc = run_cli(["run", str(cfg)], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "other settings" in proc.stderr and "prompt" in proc.stderr
@@ -84,4 +84,5 @@ def test_other_settings_refused_and_overwrite_starts_over(tmp_path, tiny_model, 
     proc = run_cli(["run", str(cfg), "--overwrite"],
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not (out / "stale.txt").exists() and summary_of(out)["rows_resumed"] == 0
+    # Starting over removes what persqa-ray wrote, never a file it did not write.
+    assert (out / "stale.txt").read_text() == "x" and summary_of(out)["rows_resumed"] == 0
