@@ -72,6 +72,29 @@ def _masked(tree):
     return tree
 
 
+def _engine_resolution(cfg) -> str:
+    """What the engine's 'auto' settings become (validate): decided again at start from the Ray
+    cluster's resources; here from this machine's."""
+    import glob
+    e = cfg.engine
+    if e.kind != "vllm":
+        return f"engine: {e.kind} (CPU actors; no GPU reserved)"
+    local_gpus = len(glob.glob("/proc/driver/nvidia/gpus/*"))
+    if e.num_gpus == "auto":
+        gpus = f"auto -> {e.tensor_parallel_size if local_gpus else 0} on this machine ({local_gpus} GPU(s) here; " \
+               "a cluster run decides from the cluster's GPUs)"
+    else:
+        gpus = f"{e.num_gpus:g}" + ("" if local_gpus or not e.num_gpus else
+                                   " (this machine has no GPU: a local run is refused; a cluster needs GPU nodes)")
+    line = f"engine: vllm, num_gpus {gpus}"
+    if not local_gpus:
+        from persqa_ray.engines.vllm_engine import cpu_engine_settings
+        settings = {k: os.environ.get(k, v) for k, v in cpu_engine_settings().items()}
+        eager = "on" if e.enforce_eager in (None, True) else "off"
+        line += f"; CPU engine settings: {settings}, enforce_eager {eager}"
+    return line
+
+
 def _dry_run(cfg) -> int:
     import yaml
     from persqa_ray.pipeline import plan, preview
@@ -125,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             p = plan(cfg)
             print(f"config OK: {len(p.shards)} input shard(s), model {p.config.engine.model}, "
                   f"output {p.config.output.path}")
+            print(_engine_resolution(p.config))
             if args.explain:
                 for name, default, desc in describe_fields():
                     print(f"{name} = {default}\n    {desc}")

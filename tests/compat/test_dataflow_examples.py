@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 from PIL import Image
+
+from tests.conftest import clean_env
 from skimage import data
 
 pytestmark = pytest.mark.slow
@@ -60,7 +62,7 @@ def test_documented_example_runs_unchanged(tmp_path, tiny_model, script):
     rows_in = make_workdir(tmp_path)
     (tmp_path / "example.py").write_text(textwrap.dedent(script.format(model=tiny_model)))
     proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=480)
+                          timeout=480, env=clean_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = [json.loads(line) for line in (tmp_path / "cache_local" / "pers_qa_step1.jsonl").read_text().splitlines()]
     assert len(out) == len(rows_in)

@@ -16,7 +16,7 @@ ENGINE_PROCESS_MARKERS = ("EngineCore", "VLLM::EngineCore")
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 480, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_DATA_DISABLE_PROGRESS_BARS="1", **(env or {}))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     proc = subprocess.Popen([sys.executable, "-m", "persqa_ray", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:

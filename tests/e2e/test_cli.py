@@ -104,3 +104,35 @@ def test_dry_run_prints_config_and_requests_without_starting_anything(demo_data,
     assert out.count("row_id: ") == 3 and "template_id: en-" in out and "prompt: " in out
     assert "subject_type_source: column" in out and "qa_type: recognition" in out
     assert "Started a local Ray" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_minimal_config_as_a_user_types_it(tmp_path, demo_data, tiny_model):
+    """Only input.path, engine.model and output.path, in a clean environment (PATH, HOME, the
+    offline flag): on a machine with no GPU it must finish (no wait for a GPU that does not
+    exist, no KV cache that does not fit), with the seed's behaviour: one <mam> question per image."""
+    import subprocess
+    import sys
+    import time
+    from tests.conftest import clean_env
+    cfg = tmp_path / "minimal.yaml"
+    cfg.write_text(f"input: {{path: {demo_data[0]}}}\nengine: {{model: {tiny_model}}}\noutput: {{path: out}}\n")
+    check = subprocess.run([sys.executable, "-m", "persqa_ray", "validate", str(cfg)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, env=clean_env())
+    assert check.returncode == 0 and "num_gpus auto -> 0" in check.stdout and "VLLM_CPU_KVCACHE_SPACE" in check.stdout
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "persqa_ray", "run", str(cfg)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = summary_of(tmp_path / "out")
+    assert s["rows_in"] == demo_data[1]["rows"] and s["rows_in"] == s["rows_ok"] + s["rows_error"]
+    rows = [r for r in persqa_ray.read_output(str(tmp_path / "out")).to_pylist() if r["status"] == "ok"]
+    assert rows and all(r["qa_index"] == 0 and "<mam>" in r["question"] and r["answer"].startswith("<mam>")
+                        for r in rows)
+    print(f"minimal run: {time.time() - started:.1f} s")
+    # An explicit GPU on a machine that has none: refused within seconds, saying how to fix it.
+    started = time.time()
+    gpu = subprocess.run([sys.executable, "-m", "persqa_ray", "run", str(cfg), "--set", "engine.num_gpus=1",
+                          "--set", "output.path=out-gpu"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env=clean_env())
+    assert gpu.returncode == 2 and "engine.num_gpus" in gpu.stderr and "auto" in gpu.stderr, gpu.stderr[-2000:]
+    assert time.time() - started < 60

@@ -30,8 +30,7 @@ def s3():
 
 @pytest.fixture(scope="module")
 def cluster(s3):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
-               RAY_DATA_DISABLE_PROGRESS_BARS="1", **s3.env)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **s3.env)
     c = RayCluster(env, head_cpus=4, head_resources={"engine_node": 1})
     try:
         c.add_node(2, {"decode_node": 1})   # a second node: decode actors go here

