@@ -79,14 +79,15 @@ def _line(title: str, points: list[tuple[float, float]], xlabel: str, ylabel: st
             f"<text x='{pad + 4}' y='{pad - 8}'>{html.escape(ylabel)} (max {ymax:.0f})</text></svg></figure>")
 
 
-def _histogram(values: list[int], bins: int = 10) -> list[tuple[str, float]]:
+def _histogram(values: dict[int, int], bins: int = 10) -> list[tuple[str, float]]:
+    """`values`: how often each value occurs (bounded by the distinct values, not the rows)."""
     if not values:
         return []
     lo, hi = min(values), max(values)
     step = max(1, -(-(hi - lo + 1) // bins))
     counts: dict[int, int] = {}
-    for v in values:
-        counts[(v - lo) // step] = counts.get((v - lo) // step, 0) + 1
+    for v, n in values.items():
+        counts[(v - lo) // step] = counts.get((v - lo) // step, 0) + n
     return [(f"{lo + b * step}–{lo + (b + 1) * step - 1}", counts.get(b, 0)) for b in range(max(counts) + 1)]
 
 
@@ -106,20 +107,22 @@ def _commit_timeline(output: str, storage_options: Optional[dict]) -> list[tuple
 class _Scan:
     """One streaming pass over the output (a commit record at a time): status and template
     counts, answer lengths, and a seeded reservoir sample of rows for the gallery. Memory: the
-    sample, one block, and one length per answer for the histogram (ints)."""
+    sample, one block, and a count per distinct answer length."""
 
     def __init__(self, sample: int, seed: int):
         self.k, self.rng = sample, random.Random(seed)
         self.n, self.sample = 0, []
         self.statuses: dict[str, int] = {}
         self.templates: dict[str, int] = {}
-        self.lengths: list[int] = []
+        self.lengths: dict[int, int] = {}
 
     def add(self, t) -> None:
         for col, counts in (("status", self.statuses), ("template_id", self.templates)):
             for r in pc.value_counts(t.column(col).drop_null()).to_pylist():
                 counts[r["values"]] = counts.get(r["values"], 0) + r["counts"]
-        self.lengths += [len(a) for a in t.column("answer").to_pylist() if a]
+        for a in t.column("answer").to_pylist():
+            if a:
+                self.lengths[len(a)] = self.lengths.get(len(a), 0) + 1
         for r in t.to_pylist():
             self.n += 1
             if len(self.sample) < self.k:

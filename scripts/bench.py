@@ -108,7 +108,7 @@ def memory_bench(work: Path, sizes: list[int], env: dict) -> list[dict]:
     return out
 
 
-def resume_bench(work: Path, n: int, env: dict) -> dict:
+def resume_bench(work: Path, n: int, env: dict, tag: str = "new") -> dict:
     """Resume an N-row output with 1% of rows left (a new shard of N/100 rows), next to a fresh
     run of the same 1%: start-up time and driver memory should be close (the resume state is
     loaded per shard by the read tasks, never on the driver)."""
@@ -117,16 +117,16 @@ def resume_bench(work: Path, n: int, env: dict) -> dict:
     shutil.copy(d / "rows-00.jsonl", work / "tmp-head.jsonl")
     lines = (work / "tmp-head.jsonl").read_text().splitlines()
     rows = [json.loads(x) for x in lines]
-    with open(d / "rows-new.jsonl", "w") as f:
+    with open(d / f"rows-{tag}.jsonl", "w") as f:
         for i in range(extra):
             f.write(json.dumps({**rows[i % len(rows)], "n": n + i}) + "\n")
-    resumed = _standin_run(work, f"resume-{n}", d, work / f"mem-out-{n}", env)
-    fresh_dir = work / f"fresh-{extra}"
+    resumed = _standin_run(work, f"resume-{n}-{tag}", d, work / f"mem-out-{n}", env)
+    fresh_dir = work / f"fresh-{extra}-{tag}"
     (fresh_dir).mkdir(exist_ok=True)
     if not (fresh_dir / "images").exists():
         (fresh_dir / "images").symlink_to(d / "images")
-    shutil.copy(d / "rows-new.jsonl", fresh_dir / "rows-new.jsonl")
-    fresh = _standin_run(work, f"fresh-{extra}", fresh_dir, work / f"fresh-out-{extra}", env)
+    shutil.copy(d / f"rows-{tag}.jsonl", fresh_dir / f"rows-{tag}.jsonl")
+    fresh = _standin_run(work, f"fresh-{extra}-{tag}", fresh_dir, work / f"fresh-out-{extra}-{tag}", env)
     return {"output_rows": n, "rows_left": extra, "resume": resumed, "fresh": fresh}
 
 

@@ -30,10 +30,13 @@ def id_values_batch(batch: dict, opts) -> Iterator[pa.Table]:
     from persqa_ray.io.readers import iter_records
     for shard, fmt, order in zip(batch["shard"], batch["format"], batch["order"]):
         ids, positions = [], []
-        for row in iter_records(str(shard), str(fmt), opts):
-            if row.get("_pq_given_id") is not None:
-                ids.append(row["_pq_given_id"])
-                positions.append(row["_pq_position"])
+        try:
+            for row in iter_records(str(shard), str(fmt), opts):
+                if row.get("_pq_given_id") is not None:
+                    ids.append(row["_pq_given_id"])
+                    positions.append(row["_pq_position"])
+        except Exception:  # noqa: BLE001 - an unreadable shard: the main read names it in the summary
+            pass
         if ids:
             n = len(ids)
             yield pa.table({"id": pa.array(ids, pa.string()), "order": pa.array([int(order)] * n, pa.int64()),

@@ -73,11 +73,21 @@ def normalize_row(record: Any, shard: str, position: int, opts: ReadOptions) -> 
     return row
 
 
-def _jsonl_records(f, shard: str, opts: ReadOptions) -> Iterator[dict]:
+def _never(position: int) -> bool:
+    return False
+
+
+# `skip(position)`: rows an earlier run committed are counted (None) but not parsed: a resume of a
+# big output costs a scan of its shards, not a second parse of every row.
+def _jsonl_records(f, shard: str, opts: ReadOptions, skip=_never) -> Iterator[Optional[dict]]:
     position = 0
     for lineno, raw in enumerate(f, start=1):
         if not raw.strip():
             continue  # blank lines are not rows (rows_in counts non-blank lines)
+        if skip(position):
+            position += 1
+            yield None
+            continue
         text = raw.decode("utf-8", errors="replace")
         try:
             record = json.loads(text)
@@ -91,11 +101,16 @@ def _jsonl_records(f, shard: str, opts: ReadOptions) -> Iterator[dict]:
         yield row
 
 
-def _parquet_records(f, shard: str, opts: ReadOptions) -> Iterator[dict]:
+def _parquet_records(f, shard: str, opts: ReadOptions, skip=_never) -> Iterator[Optional[dict]]:
     position = 0
     for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS):
+        if skip(position) and skip(position + batch.num_rows - 1):  # a done block: ranges are contiguous
+            if all(skip(p) for p in range(position, position + batch.num_rows)):
+                position += batch.num_rows
+                yield from [None] * batch.num_rows
+                continue
         for record in batch.to_pylist():
-            yield normalize_row(record, shard, position, opts)
+            yield None if skip(position) else normalize_row(record, shard, position, opts)
             position += 1
 
 
@@ -173,9 +188,12 @@ def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None,
         with fs.open(p, "rb") as f:
             if fmt == "parquet":
                 f = io.BytesIO(f.read()) if not hasattr(f, "seek") else f
-            for row in records(f, shard, opts):
-                rows.append(row)
+            for row in records(f, shard, opts, state.is_done if state is not None else _never):
                 count += 1
+                if row is None:
+                    tally["resumed"] += 1
+                    continue
+                rows.append(row)
                 if len(rows) >= opts.block_rows:
                     table = _finish(rows, dups, state, tally)
                     rows = []

@@ -72,3 +72,17 @@ def test_documented_example_runs_unchanged(tmp_path, tiny_model, script):
     ok = out[:3]
     assert all(r["status"] == "ok" and FORM.match(r["pers_qa"]) for r in ok)
     assert out[3]["pers_qa"] is None and out[3]["status"] == "missing_image" and "missing.jpg" in out[3]["error"]
+
+
+def test_dataflow_example_script_as_documented(tmp_path, tiny_model, repo_root):
+    """`python scripts/dataflow_example.py` from a directory holding data/example.jsonl (its
+    docstring), in a clean environment: it used to fail on a CPU machine (KV cache of 90 % of
+    the node's memory); the engine now sizes itself from the machine."""
+    rows_in = make_workdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-qwen2-vl").symlink_to(tiny_model)  # the script's default model path
+    proc = subprocess.run([sys.executable, str(repo_root / "scripts" / "dataflow_example.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=480, env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(out) == len(rows_in) and all(FORM.match(r["pers_qa"]) for r in out[:3])
