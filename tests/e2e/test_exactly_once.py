@@ -11,7 +11,7 @@ import pytest
 
 import persqa_ray
 from tests.conftest import demo_config
-from tests.e2e.helpers import cli_running, engine_processes, run_cli, summary_of, wait_for_commits, write_config
+from tests.e2e.helpers import cli_running, engine_processes, pids_of, run_cli, summary_of, wait_for_commits, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -85,8 +85,15 @@ def test_second_run_on_a_live_output_is_refused(tmp_path, tiny_model):
     with cli_running(["run", str(cfg_path), "--quiet"], tmp_path) as first:
         wait_for_commits(first, out, 1)
         owner = json.loads((out / "_lease.json").read_text())["owner"]
-        second = run_cli(["run", str(cfg_path)], cwd=tmp_path, timeout=120)
-        # Named owner: refused while the first run held the lease (a finished run releases it).
+        # Freeze the first run's engine so it cannot finish while the second one starts.
+        engine = [p for p in pids_of("VLLM::EngineCore") if os.getsid(p) == first.pid]  # this run's
+        assert len(engine) == 1
+        os.kill(engine[0], signal.SIGSTOP)
+        try:
+            second = run_cli(["run", str(cfg_path)], cwd=tmp_path, timeout=120)
+        finally:
+            os.kill(engine[0], signal.SIGCONT)
+        assert first.poll() is None
         assert second.returncode == 2 and owner in second.stderr and "another run" in second.stderr, \
             second.stderr[-2000:]
         assert "Started a local Ray" not in second.stderr  # refused before Ray or an engine started
