@@ -96,7 +96,7 @@ def load_shard_state(shard: str, opts: ResumeOptions) -> ShardState:
             _rm_quiet(fs, path)
         elif base.endswith(".pending"):  # the record exists: the crash fell after step 3
             _rm_quiet(fs, path)
-    done, retry_cut = [], []
+    done, retry_cut, trusted = [], [], {}
     for uid, path in records.items():
         rec = read_json(fs, path)
         if rec is None or not record_files_present(fs, root, rec):
@@ -107,8 +107,17 @@ def load_shard_state(shard: str, opts: ResumeOptions) -> ShardState:
             state.records_dropped += 1
             log.warning("commit record %s of %s is missing files: its rows will be redone", uid, shard)
             continue
+        trusted[uid] = rec
         done += rec["ranges"]
+    # Rows a later record replaced (an earlier retry) are no longer this record's to redo.
+    replaced: dict[str, list] = {}
+    for rec in trusted.values():
+        for old, sup in rec.get("supersedes", {}).items():
+            replaced.setdefault(old, []).extend(sup["ranges"])
+    for uid, rec in trusted.items():
         redo = merge_ranges([r for st in opts.retry_statuses for r in rec.get("errors", {}).get(st, [])])
+        if redo and uid in replaced:
+            redo = _subtract(redo, merge_ranges(replaced[uid]))
         if redo:
             state.retry[uid] = redo
             retry_cut += redo

@@ -32,7 +32,7 @@ def fold_records(path: str, storage_options: Optional[dict] = None, validate: bo
     fs, root = output_root(path, storage_options)
     total: dict[str, Any] = {"records": 0, "duplicates": 0, "rows_retried": 0}
     for sdir in shard_dirs(fs, root):
-        ranges, superseded = [], []
+        recs = {}
         for p in sorted(fs.ls(sdir, detail=False)):
             if not p.endswith(".json") or p.rsplit("/", 1)[-1].startswith("."):
                 continue
@@ -40,10 +40,15 @@ def fold_records(path: str, storage_options: Optional[dict] = None, validate: bo
             if rec is None or rec.get("version") != RECORD_VERSION or \
                     (validate and not record_files_present(fs, root, rec)):
                 continue
+            recs[rec["uid"]] = rec
+        ranges, superseded = [], []
+        for rec in recs.values():  # one shard's records at a time
             total["records"] += 1
             add_counts(total.setdefault("counts", {}), rec["counts"])
             ranges += rec["ranges"]
-            for sup in rec.get("supersedes", {}).values():
+            for old, sup in rec.get("supersedes", {}).items():
+                if old not in recs:
+                    continue  # the replaced record is gone (dropped): nothing of it is counted
                 _sub_counts(total["counts"], sup["counts"])
                 superseded += sup["ranges"]
                 total["rows_retried"] += ranges_len(sup["ranges"])

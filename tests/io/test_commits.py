@@ -229,3 +229,26 @@ def test_commit_layer_and_lease_on_s3(monkeypatch):
         assert clear_output(fs, root) == [] and not [p for p in fs.find(root) if p.endswith(".parquet")]
     finally:
         s3.stop()
+
+
+def test_a_second_retry_replaces_the_first_retrys_rows(tmp_path):
+    """Retry once (the rows fail again), retry again: the second retry replaces the first
+    retry's rows, not the original ones; every row is seen once."""
+    out = tmp_path / "out"
+    ours(out)
+    shard = "/d/a.jsonl"
+    write_committed(pa.concat_tables([block(shard, range(0, 2)), block(shard, range(2, 4), status="engine_error")]),
+                    opts(out))
+    for attempt, status in enumerate(("engine_error", "ok")):
+        state = load_shard_state(shard, ResumeOptions(str(out), {}, ("engine_error",)))
+        assert state.done == [[0, 2]] and len(state.retry) == 1
+        (owner, redo), = state.retry.items()
+        assert redo == [[2, 4]]
+        write_committed(block(shard, range(2, 4), status=status, replaces=owner), opts(out))
+        t = read_output(str(out), ["row_id", "status"])
+        assert t.num_rows == 4 and len(set(t.column("row_id").to_pylist())) == 4
+    assert sorted(t.column("status").to_pylist()) == ["ok"] * 4
+    fold = fold_records(str(out))
+    by_status = {k: v for k, v in fold["counts"]["by_status"].items() if v}
+    assert fold["counts"]["rows"] == 4 and by_status == {"ok": 4} and fold["duplicates"] == 0
+    assert load_shard_state(shard, ResumeOptions(str(out), {}, ("engine_error",))).retry == {}
