@@ -316,6 +316,35 @@ def resolve_gpus(p: Plan) -> Plan:
         update={"engine": e.model_copy(update={"num_gpus": n})}))
 
 
+def _wait_for_engine_actors(stats, timeout_s: float = 30.0) -> None:
+    """Wait until the engine actors of this machine have shut their engines down. When the run
+    ends, Ray Data lets its actors exit on their own; if this driver exits first, its local Ray
+    kills them mid-shutdown and vLLM's processes print tracebacks after a successful summary.
+    Actors on other nodes, or killed ones, are not waited for (their pid is not ours to see)."""
+    node = ray.get_runtime_context().get_node_id()
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        live = [pid for n, pid in ray.get(stats.live_actors.remote("generate")) if n == node and _pid_alive(pid)]
+        if not live:
+            return
+        time.sleep(0.2)
+    log.debug("engine actors still shutting down after %.0f s", timeout_s)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _with_duplicate_ids(p: Plan) -> tuple[Plan, Optional[str]]:
     """input.id_column: decide which rows lose a repeated id (a Ray Data aggregation)."""
     cfg = p.config
@@ -358,6 +387,7 @@ def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> di
         for _ in written.iter_batches(batch_size=None):  # drives the pipeline; each batch is one count
             pass
         seconds = time.time() - started
+        _wait_for_engine_actors(stats)
         snapshot = ray.get(stats.snapshot.remote())
         ray.kill(stats)
         if lease.lost:

