@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--sample", type=int, default=24, help="rows shown in the gallery (default 24)")
     r.add_argument("--seed", type=int, default=0, help="seed of the sample")
     r.add_argument("--storage-options", default="{}", help="fsspec options as JSON (s3 endpoint, region, ...)")
+    r.add_argument("--remote-images", action="store_true", help="also show images the run read from an object "
+                   "store (s3://); default: local files only, and never http")
     r.add_argument("--log-level", default="WARNING")
     return p
 
@@ -54,7 +56,7 @@ def _report(args) -> int:
     from persqa_ray.report import build_report
     try:
         result = build_report(args.output, args.out, sample=args.sample, seed=args.seed,
-                              storage_options=json.loads(args.storage_options))
+                              storage_options=json.loads(args.storage_options), remote_images=args.remote_images)
     except (ExportError, json.JSONDecodeError) as e:
         print(f"persqa-ray report: {e}", file=sys.stderr)
         return 2
@@ -63,13 +65,6 @@ def _report(args) -> int:
     return 0
 
 
-def _masked(tree):
-    """The resolved config for printing: storage options show their keys, never their values."""
-    for section in ("input", "output"):
-        opts = tree.get(section, {}).get("storage_options")
-        if opts:
-            tree[section]["storage_options"] = {k: "***" for k in opts}
-    return tree
 
 
 def _engine_resolution(cfg) -> str:
@@ -97,10 +92,11 @@ def _engine_resolution(cfg) -> str:
 
 def _dry_run(cfg) -> int:
     import yaml
+    from persqa_ray.config import masked
     from persqa_ray.pipeline import plan, preview
     p = plan(cfg)
     print("# resolved config")
-    print(yaml.safe_dump(_masked(p.config.model_dump(mode="json")), sort_keys=False, allow_unicode=True))
+    print(yaml.safe_dump(masked(p.config.model_dump(mode="json")), sort_keys=False, allow_unicode=True))
     print(f"# {len(p.shards)} input shard(s); first requests (no Ray, no engine started)")
     for w in p.warnings:
         print(f"# warning: {w}")

@@ -6,6 +6,7 @@ refused; a bad value is reported as ``section.field: reason`` before any work st
 from __future__ import annotations
 
 import copy
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -55,8 +56,9 @@ class InputConfig(_Section):
         "input_dir", description="How relative image paths resolve: against the shard's directory, or "
         "the driver's current directory (the DataFlow-style API uses 'cwd').")
     allowed_roots: Optional[list[str]] = Field(
-        None, description="Local image paths are read only under these directories. Unset: the "
-        "directories of the input shards (and of 'cwd' when paths_relative_to is 'cwd').")
+        None, description="Images are read only under these roots: local directories, or URL prefixes "
+        "(s3://bucket/prefix) for remote references, checked after '..' is resolved. Unset: the directories "
+        "(or bucket prefixes) of the input shards, and 'cwd' when paths_relative_to is 'cwd'.")
     allowed_schemes: list[str] = Field(
         ["file", "s3"], description="URL schemes image references may use.")
     storage_options: dict[str, Any] = Field(
@@ -68,6 +70,9 @@ class InputConfig(_Section):
         "unit, so this is also the most work a crash can cost per block in flight.")
     max_image_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="Images larger than this many bytes are refused (image_too_large).")
+    max_record_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="A JSONL line longer than this is a bad_record row; it is never "
+        "read into memory whole.")
 
 
 class ImageConfig(_Section):
@@ -84,6 +89,10 @@ class ImageConfig(_Section):
     max_decode_pixels: int = Field(
         100_000_000, gt=0, description="Images whose header declares more pixels are refused before "
         "decoding (decompression bombs).")
+    formats: list[str] = Field(
+        ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], description="Image formats (PIL names) that are "
+        "opened; anything else is a bad_image row, so e.g. an EPS file named .jpg never reaches Ghostscript. "
+        "GIF and WebP: the first frame.")
     concurrency: Union[int, tuple[int, int]] = Field(
         1, description="Decode actor pool size: N, or [min, max] to autoscale.")
     num_cpus: float = Field(
@@ -315,6 +324,11 @@ class PersQAConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PersQAConfig":
+        from PIL import Image
+        Image.init()
+        unknown = [f for f in self.image.formats if f.upper() not in Image.OPEN]
+        if unknown:
+            raise ValueError(f"image.formats: {unknown} are not formats PIL can open here")
         if self.image.min_pixels > self.image.max_pixels:
             raise ValueError("image.min_pixels must not exceed image.max_pixels")
         if isinstance(self.engine.num_gpus, float) and self.engine.num_gpus < 0:
@@ -386,6 +400,25 @@ def load_config(source: Union[str, Path, dict, PersQAConfig], overrides: list[st
         return PersQAConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_errors(e)) from None
+
+
+# Sub-trees whose values are all treated as credentials when a config is printed or written, and
+# key names that mark a credential anywhere else (a name ending in _env is a variable's name).
+_SECRET_TREES = ("storage_options", "env", "engine_kwargs")
+_SECRET_KEY = re.compile(r"(^|_)(api_?key|key|secret|token|password|passwd|credentials?|auth)($|_)", re.I)
+
+
+def masked(tree: Any, secret: bool = False) -> Any:
+    """A config tree (model_dump) with every value that could be a credential replaced by '***':
+    all values under storage_options, env and engine_kwargs (keys kept), and any value whose key
+    looks like a credential (`secret_key`, `session_token`, ...). For every printed copy."""
+    if isinstance(tree, dict):
+        return {k: masked(v, secret or k in _SECRET_TREES
+                          or (bool(_SECRET_KEY.search(str(k))) and not str(k).endswith("_env")))
+                for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [masked(v, secret) for v in tree]
+    return "***" if secret and tree is not None else tree
 
 
 def describe_fields(model: type[BaseModel] = PersQAConfig, prefix: str = "") -> list[tuple[str, str, str]]:

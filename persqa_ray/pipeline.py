@@ -17,7 +17,7 @@ import ray
 from persqa_ray import schema
 from persqa_ray.config import ConfigError, PersQAConfig, load_config
 from persqa_ray.engines.base import EngineSpec
-from persqa_ray.io.filesystems import is_url, list_shards, parent_of
+from persqa_ray.io.filesystems import is_url, list_shards, normalize_url, parent_of
 from persqa_ray.io.commits import WriteOptions, write_committed
 from persqa_ray.io.duplicate_ids import find_duplicate_ids, remove_work
 from persqa_ray.io.outputs import check_output_location, open_output, without_outputs
@@ -96,11 +96,11 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
             raise ConfigError(f"input.path: {cfg.input.path} holds no shard outside output.path")
     cwd = os.getcwd()
     roots = cfg.input.allowed_roots
-    if roots is None:
-        roots = sorted({parent_of(s) for s, _ in shards if not is_url(s)})
+    if roots is None:  # the input's own directories or bucket prefixes
+        roots = sorted({parent_of(s) for s, _ in shards})
         if cfg.input.paths_relative_to == "cwd":
             roots.append(cwd)
-    roots = [os.path.abspath(os.path.expanduser(r)) for r in roots]
+    roots = [normalize_url(r) if is_url(r) else os.path.abspath(os.path.expanduser(r)) for r in roots]
     pr = cfg.prompt
     registry = ConceptRegistry(default=pr.tag, registered=tuple(
         Concept(name, f"<{c.tag or name}>", c.class_phrase, c.subject_type) for name, c in pr.concepts.items()))
@@ -134,7 +134,8 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
         config=cfg, shards=shards,
         read=ReadOptions(image_column=cfg.input.image_column, id_column=cfg.input.id_column,
                          paths_relative_to=cfg.input.paths_relative_to, cwd=cwd,
-                         storage_options=dict(cfg.input.storage_options), block_rows=cfg.input.block_rows),
+                         storage_options=dict(cfg.input.storage_options), block_rows=cfg.input.block_rows,
+                         max_record_bytes=cfg.input.max_record_bytes),
         requests=req,
         decode=DecodeOptions(max_pixels=cfg.image.max_pixels, min_pixels=cfg.image.min_pixels,
                              factor=cfg.image.resize_factor, max_aspect_ratio=cfg.image.max_aspect_ratio,
@@ -142,7 +143,8 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
                              max_image_bytes=cfg.input.max_image_bytes,
                              max_images=cfg.engine.max_images_per_prompt, allowed_roots=tuple(roots),
                              allowed_schemes=tuple(s.lower() for s in cfg.input.allowed_schemes),
-                             storage_options=dict(cfg.input.storage_options)),
+                             storage_options=dict(cfg.input.storage_options),
+                             formats=tuple(f.upper() for f in cfg.image.formats)),
         generate=GenerateOptions(engine=engine_spec(cfg), model_name=cfg.engine.model, requests=req,
                                  prompt_version=ts.prompt_version, seed=cfg.prompt.seed,
                                  pers_qa_format=cfg.output.pers_qa_format or ts.pers_qa_format,
@@ -365,7 +367,10 @@ def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> di
     cfg = load_config(config, overrides)
     p = plan(cfg)
     cfg = p.config
-    lease = open_output(cfg, p.shards)
+    d = p.decode
+    lease = open_output(cfg, p.shards, limits={
+        "allowed_roots": list(d.allowed_roots), "allowed_schemes": list(d.allowed_schemes),
+        "max_image_bytes": d.max_image_bytes, "max_decode_pixels": d.max_decode_pixels, "formats": list(d.formats)})
     work = None
     try:
         init_ray(cfg)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import pyarrow.compute as pc
 
+from persqa_ray import schema
 from persqa_ray.io.filesystems import filesystem, is_url
 from persqa_ray.io.commits import iter_records, output_root
 from persqa_ray.io.dataset import iter_output
@@ -27,23 +28,53 @@ _COLUMNS = ["row_id", "qa_index", "status", "error", "image", "tag", "subject_ty
             "answer", "template_id"]
 
 
-def _thumbnail(ref: str, storage_options: Optional[dict]) -> tuple[str, bool]:
-    """(data URL, real image?) - a grey placeholder when the image cannot be read."""
-    from PIL import Image, ImageDraw, ImageOps
-    try:
-        fs, p = filesystem(ref, storage_options)
-        with fs.open(p, "rb") as f:
-            im = Image.open(io.BytesIO(f.read()))
-            im = ImageOps.exif_transpose(im).convert("RGB")
-        im.thumbnail((THUMB_PX, THUMB_PX))
-        real = True
-    except Exception:  # noqa: BLE001 - a missing or broken image is part of what the report shows
-        im = Image.new("RGB", (THUMB_PX, THUMB_PX * 3 // 4), (200, 200, 200))
-        ImageDraw.Draw(im).text((12, THUMB_PX // 3), "no image", fill=(90, 90, 90))
-        real = False
+# Rows that reached these statuses had their images decoded by the run itself (within its roots,
+# schemes and size limits); no other row's reference is ever opened by the report.
+DECODED_STATUSES = {schema.OK, schema.INVALID_OUTPUT, schema.ENGINE_ERROR}
+
+
+def _placeholder() -> str:
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (THUMB_PX, THUMB_PX * 3 // 4), (200, 200, 200))
+    ImageDraw.Draw(im).text((12, THUMB_PX // 3), "no image", fill=(90, 90, 90))
+    return _data_url(im)
+
+
+def _data_url(im) -> str:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), real
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def run_decoder(output: str, storage_options: Optional[dict], remote: bool):
+    """The run's own image limits (recorded in its _run.json) at thumbnail size, or None when the
+    output does not record them. Remote references only with `remote` (and then only the object
+    stores the run allowed: never http)."""
+    from persqa_ray.io.outputs import read_limits
+    from persqa_ray.stages.decode import DecodeOptions, ImageDecoder
+    limits = read_limits(output, storage_options)
+    if not limits:
+        return None
+    schemes = [s for s in limits["allowed_schemes"] if s == "file" or (remote and s not in ("http", "https", "ftp"))]
+    return ImageDecoder(DecodeOptions(
+        max_pixels=THUMB_PX * THUMB_PX, min_pixels=1, factor=1, max_aspect_ratio=1000.0,
+        max_decode_pixels=limits["max_decode_pixels"], max_image_bytes=limits["max_image_bytes"], max_images=1,
+        allowed_roots=tuple(limits["allowed_roots"]), allowed_schemes=tuple(schemes),
+        storage_options=dict(storage_options or {}), formats=tuple(limits["formats"])))
+
+
+def _thumbnail(ref: Optional[str], status: str, decoder) -> tuple[str, bool]:
+    """(data URL, real image?): only for rows the run decoded, through the run's own limits;
+    a grey placeholder otherwise (a refused reference is never opened)."""
+    from PIL import Image
+    if decoder is None or not ref or status not in DECODED_STATUSES:
+        return _placeholder(), False
+    try:
+        im = Image.fromarray(decoder.decode(ref))
+    except Exception:  # noqa: BLE001 - a file gone since the run: shown as missing
+        return _placeholder(), False
+    im.thumbnail((THUMB_PX, THUMB_PX))
+    return _data_url(im), True
 
 
 def _bars(title: str, items: list[tuple[str, float]]) -> str:
@@ -151,7 +182,7 @@ document.body.setAttribute('data-ready','1');});"""
 
 
 def build_report(output: str, out: str = "report.html", sample: int = 24, seed: int = 0,
-                 storage_options: Optional[dict] = None) -> dict[str, Any]:
+                 storage_options: Optional[dict] = None, remote_images: bool = False) -> dict[str, Any]:
     """Write the report; returns {path, rows, sampled, real_images}."""
     summary = read_summary(output, storage_options)
     scan = _Scan(sample, seed)
@@ -168,17 +199,19 @@ def build_report(output: str, out: str = "report.html", sample: int = 24, seed: 
     templates = [{"values": k, "counts": v} for k, v in scan.templates.items()]
 
     cards, real, cache = [], 0, {}
+    decoder = run_decoder(output, storage_options, remote_images)
     for _, r in picks:
         ref = (r.get("image") or [None])[0]
-        if ref not in cache:
-            cache[ref] = _thumbnail(ref or "", storage_options)  # no reference: the placeholder
-        src, is_real = cache[ref]
-        real += is_real
         status = r.get("status") or ""
+        key = (ref, status in DECODED_STATUSES)
+        if key not in cache:
+            cache[key] = _thumbnail(ref, status, decoder)
+        src, is_real = cache[key]
+        real += is_real
         text = {k: html.escape(str(r.get(k) if r.get(k) is not None else "–"))
                 for k in ("tag", "subject_type", "question", "answer", "qa_type", "template_id", "error")}
         cards.append(
-            f"<div class=card><img class=thumb alt='{html.escape(str(ref))}' src='{src}'>"
+            f"<div class=card><img class=thumb data-shown='{int(is_real)}' alt='{html.escape(str(ref))}' src='{src}'>"
             f"<div><div class=meta><span class='status{'' if status == 'ok' else ' err'}'>{html.escape(status)}</span>"
             f" {text['tag']} · {text['subject_type']} · {text['qa_type']} · <code>{text['template_id']}</code></div>"
             f"<p class=q>{text['question']}</p><p class=a>{text['answer'] if status == 'ok' else text['error']}</p>"

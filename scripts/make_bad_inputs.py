@@ -46,13 +46,31 @@ CASES = [
     ("scheme_not_allowed", "http://127.0.0.1:9/x.jpg", "path_not_allowed"),
     ("too_many_images", "5 images where the engine takes 4", "too_many_images"),
     ("non_utf8_text", "a text column with invalid UTF-8 bytes (replaced, row succeeds)", "ok"),
-    ("unreachable_s3", "s3:// object on an endpoint nobody listens on", "missing_image"),
+    ("unreachable_s3", "s3:// object (under a configured root) on an endpoint nobody listens on", "missing_image"),
     ("duplicate_id_first", "first row with id 'dup'", "ok"),
     ("duplicate_id_second", "second row with id 'dup' (gets its own id, flagged)", "duplicate_row_id"),
     ("malformed_json_line", "a JSONL line that is not JSON", "bad_record"),
     ("json_not_object", "a JSONL line holding a list", "bad_record"),
     ("missing_image_column", "Parquet shard without the image column (each of its 2 rows)", "missing_column"),
+    ("wide_under_limit", "1,000,000x99 grayscale PNG, 9.9e7 pixels (resized, then padded)", "ok"),
+    ("tall_under_limit", "99x1,000,000 grayscale PNG, 9.9e7 pixels (resized, then padded)", "ok"),
+    ("png_16bit_large", "6000x4000 16-bit grayscale PNG (scaled after the resize)", "ok"),
+    ("cmyk_jpeg_large", "3000x2000 CMYK JPEG", "ok"),
+    ("animated_webp", "animated WebP (first frame is used)", "ok"),
+    ("tiff", "TIFF", "ok"),
+    ("bmp", "BMP", "ok"),
+    ("eps_named_jpg", "an EPS (PostScript) file named .jpg: never opened (image.formats)", "bad_image"),
+    ("ico_file", "an ICO icon: not an allowed format", "bad_image"),
+    ("html_markup_name", "a valid PNG whose file name is HTML markup (escaped in the report)", "ok"),
+    ("readable_outside_roots", "a readable photo outside the input directory (never shown in the report)",
+     "path_not_allowed"),
+    ("file_url_outside_roots", "file:///etc/hostname", "path_not_allowed"),
+    ("symlink_out_of_roots", "a symlink in the input directory pointing outside it", "path_not_allowed"),
+    ("s3_other_bucket", "s3:// object in a bucket that is not the input's (allowed_roots)", "path_not_allowed"),
+    ("overlong_jsonl_line", "a JSONL line over input.max_record_bytes (the test sets 64 KiB)", "bad_record"),
+    ("id_10000_chars", "an id column value of 10,000 characters", "ok"),
 ]
+MARKUP_NAME = "<svg onload=alert(1)>.png"
 CORRUPT_SHARD = "corrupt.parquet"  # cannot be parsed at all: named in the summary's shard_errors
 
 
@@ -101,6 +119,24 @@ def make(out: Path) -> dict:
     exif[274] = 6
     rot.save(img / "rotated.jpg", exif=exif)
     (img / "a_directory.jpg").mkdir(exist_ok=True)
+    Image.MAX_IMAGE_PIXELS = None  # we make these on purpose
+    Image.new("L", (1_000_000, 99), 90).save(img / "wide.png")
+    Image.new("L", (99, 1_000_000), 90).save(img / "tall.png")
+    ramp = np.linspace(0, 65535, 6000, dtype=np.uint16)[None, :].repeat(4000, 0)
+    Image.fromarray(ramp).save(img / "gray16_large.png")
+    photo.resize((3000, 2000)).convert("CMYK").save(img / "cmyk_large.jpg", quality=85)
+    frames[0].save(img / "anim.webp", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    cat.save(img / "cat.tiff")
+    cat.save(img / "cat.bmp")
+    photo.resize((64, 64)).save(img / "postscript.jpg", "EPS")
+    cat.resize((32, 32)).save(img / "icon.ico")
+    cat.resize((64, 48)).save(img / MARKUP_NAME)
+    outside = out.parent / f"{out.name}-private"
+    outside.mkdir(exist_ok=True)
+    photo.save(outside / "private.jpg")
+    link = img / "link_out.jpg"
+    if not link.is_symlink():
+        link.symlink_to(outside / "private.jpg")
 
     p = "images/"
     rows = {
@@ -117,10 +153,21 @@ def make(out: Path) -> dict:
         "scheme_not_allowed": "http://127.0.0.1:9/x.jpg", "too_many_images": [p + "good.jpg"] * 5,
         "non_utf8_text": p + "good.jpg", "unreachable_s3": "s3://persqa-unreachable/x.jpg",
         "duplicate_id_first": p + "good.jpg", "duplicate_id_second": p + "good.jpg",
+        "wide_under_limit": p + "wide.png", "tall_under_limit": p + "tall.png",
+        "png_16bit_large": p + "gray16_large.png", "cmyk_jpeg_large": p + "cmyk_large.jpg",
+        "animated_webp": p + "anim.webp", "tiff": p + "cat.tiff", "bmp": p + "cat.bmp",
+        "eps_named_jpg": p + "postscript.jpg", "ico_file": p + "icon.ico", "html_markup_name": p + MARKUP_NAME,
+        "readable_outside_roots": str(outside / "private.jpg"), "file_url_outside_roots": "file:///etc/hostname",
+        "symlink_out_of_roots": p + "link_out.jpg", "s3_other_bucket": "s3://persqa-other-bucket/secret.jpg",
+        "overlong_jsonl_line": p + "good.jpg", "id_10000_chars": p + "good.jpg",
     }
     lines = []
     for case, ref in rows.items():
         rec = {"id": "dup" if case.startswith("duplicate_id") else case, "case": case, "image": ref}
+        if case == "id_10000_chars":
+            rec["id"] = "i" * 10_000
+        if case == "overlong_jsonl_line":
+            rec["caption"] = "x" * 100_000  # over the 64 KiB the catalog test sets as input.max_record_bytes
         line = json.dumps(rec).encode()
         if case == "non_utf8_text":
             line = line[:-1] + b', "caption": "caf\xe9 \xff\xfe"}'

@@ -52,3 +52,16 @@ def test_shipped_configs_validate(repo_root):
     for name in ("demo.yaml", "gpu.yaml", "cluster.yaml"):
         cfg = load_config(repo_root / "configs" / name)
         assert cfg.engine.kind == "vllm"
+
+
+def test_masked_hides_every_credential_like_value():
+    from persqa_ray.config import masked
+    tree = {"input": {"storage_options": {"key": "K", "client_kwargs": {"endpoint_url": "http://x"}}},
+            "engine": {"env": {"HF_TOKEN": "T"}, "engine_kwargs": {"x": 1}, "api_key_env": "MY_KEY_VAR",
+                       "max_tokens": 128, "model": "m"},
+            "extra": {"aws_secret_access_key": "S", "session_token": "ST", "password": "P", "tokens": 3}}
+    m = masked(tree)
+    assert m["input"]["storage_options"] == {"key": "***", "client_kwargs": {"endpoint_url": "***"}}
+    assert m["engine"]["env"] == {"HF_TOKEN": "***"} and m["engine"]["engine_kwargs"] == {"x": "***"}
+    assert m["engine"]["api_key_env"] == "MY_KEY_VAR" and m["engine"]["max_tokens"] == 128  # names, not secrets
+    assert m["extra"] == {"aws_secret_access_key": "***", "session_token": "***", "password": "***", "tokens": 3}

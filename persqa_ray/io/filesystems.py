@@ -14,6 +14,18 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
+def normalize_url(url: str) -> str:
+    """scheme://bucket/key with '..' and '.' resolved and the scheme lower-cased: what a root check
+    compares, and what is fetched (so a reference cannot say one place and read another)."""
+    scheme, rest = url.split("://", 1)
+    return f"{scheme.lower()}://{posixpath.normpath('/' + rest).lstrip('/')}"
+
+
+def under_root(url: str, roots) -> bool:
+    """A normalized URL equal to or below one of the normalized URL roots."""
+    return any(url == r.rstrip("/") or url.startswith(r.rstrip("/") + "/") for r in roots)
+
+
 def scheme_of(path: str) -> str:
     return path.split("://", 1)[0].lower() if is_url(path) else "file"
 

@@ -144,9 +144,20 @@ def clear_output(fs, root: str) -> list[str]:
     return foreign
 
 
-def write_run_file(fs, root: str, ident: dict) -> None:
-    with fs.open(f"{root}/{RUN_FILE}", "w") as f:
-        json.dump({MARKER_KEY: True, **ident}, f, indent=2)
+def write_run_file(fs, root: str, ident: dict, limits: Optional[dict] = None, url: bool = False) -> None:
+    """The marker with the run's identity and the image limits of the latest run (the report
+    opens images only within these). Written whole (tmp + rename; one PUT on an object store)."""
+    from persqa_ray.io.commits import _write_json
+    body = {MARKER_KEY: True, **ident}
+    if limits:
+        body["limits"] = limits
+    _write_json(fs, f"{root}/{RUN_FILE}", body, url)
+
+
+def read_limits(path: str, storage_options: Optional[dict] = None) -> Optional[dict]:
+    from persqa_ray.io.commits import output_root, read_json
+    fs, root = output_root(path, storage_options)
+    return (read_json(fs, f"{root}/{RUN_FILE}") or {}).get("limits")
 
 
 def check_identity(fs, root: str, ident: dict, out_path: str) -> Optional[dict]:
@@ -164,7 +175,7 @@ def check_identity(fs, root: str, ident: dict, out_path: str) -> Optional[dict]:
     return before
 
 
-def open_output(cfg, shards: list[tuple[str, str]]):
+def open_output(cfg, shards: list[tuple[str, str]], limits: Optional[dict] = None):
     """Everything before a run touches its output, in this order: refuse a dangerous path, take the
     lease (a second live run stops here), clear it on --overwrite, check or write the run identity.
     Returns the held Lease; the caller releases it."""
@@ -181,12 +192,14 @@ def open_output(cfg, shards: list[tuple[str, str]]):
         if out.overwrite:
             clear_output(fs, root)
         ident = run_identity(cfg)
-        if check_identity(fs, root, ident, out.path) is None:
+        before = check_identity(fs, root, ident, out.path)
+        if before is None:
             foreign = [f for f in (fs.find(root) if fs.exists(root) else []) if f.endswith(".parquet")]
             if foreign:
                 raise ConfigError(f"output.path: {out.path} holds Parquet files persqa-ray did not write "
                                   f"({foreign[0]}); use another path")
-            write_run_file(fs, root, ident)
+        if before is None or (limits and before.get("limits") != limits):
+            write_run_file(fs, root, {**(before or {}), **ident}, limits, url=is_url(out.path))
     except BaseException:
         lease.release()
         raise

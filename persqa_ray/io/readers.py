@@ -37,6 +37,7 @@ class ReadOptions:
     block_rows: int = READ_BATCH_ROWS
     dups_dir: Optional[str] = None     # id_column: the duplicate-id pre-pass results (io/duplicate_ids.py)
     output_storage_options: dict[str, Any] = field(default_factory=dict)
+    max_record_bytes: int = 16 * 2**20  # a longer JSONL line is a bad_record row, never read whole
 
 
 def normalize_row(record: Any, shard: str, position: int, opts: ReadOptions) -> dict[str, Any]:
@@ -77,16 +78,49 @@ def _never(position: int) -> bool:
     return False
 
 
+def bounded_lines(f, limit: int, chunk: int = 1 << 20) -> Iterator[tuple[Optional[bytes], int]]:
+    """(line, length) for each line of a binary file object (local or remote); a line longer than
+    `limit` bytes comes as (None, length) and is never held in memory whole."""
+    buf, skipped = b"", 0  # skipped > 0: inside an over-long line, this many bytes passed over
+    while True:
+        data = f.read(chunk)
+        if not data:
+            break
+        buf += data
+        start = 0
+        while (i := buf.find(b"\n", start)) >= 0:
+            line, start = buf[start:i + 1], i + 1
+            if skipped or len(line) > limit:
+                yield None, skipped + len(line)
+                skipped = 0
+            else:
+                yield line, len(line)
+        buf = buf[start:]
+        if len(buf) > limit:
+            skipped, buf = skipped + len(buf), b""
+    if skipped or len(buf) > limit:
+        yield None, skipped + len(buf)
+    elif buf:
+        yield buf, len(buf)
+
+
 # `skip(position)`: rows an earlier run committed are counted (None) but not parsed: a resume of a
 # big output costs a scan of its shards, not a second parse of every row.
 def _jsonl_records(f, shard: str, opts: ReadOptions, skip=_never) -> Iterator[Optional[dict]]:
     position = 0
-    for lineno, raw in enumerate(f, start=1):
-        if not raw.strip():
+    for lineno, (raw, size) in enumerate(bounded_lines(f, opts.max_record_bytes), start=1):
+        if raw is not None and not raw.strip():
             continue  # blank lines are not rows (rows_in counts non-blank lines)
         if skip(position):
             position += 1
             yield None
+            continue
+        if raw is None:  # never parsed (nor held): too long to be a record
+            row = normalize_row(None, shard, position, opts)
+            row.update(status=schema.BAD_RECORD, error=f"{os.path.basename(shard)} line {lineno}: {size} bytes, "
+                       f"over input.max_record_bytes={opts.max_record_bytes}")
+            position += 1
+            yield row
             continue
         text = raw.decode("utf-8", errors="replace")
         try:

@@ -18,7 +18,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from persqa_ray import schema
-from persqa_ray.io.filesystems import filesystem, is_url, scheme_of
+from persqa_ray.io.filesystems import filesystem, is_url, normalize_url, scheme_of, under_root
 
 # EXIF orientations that swap width and height.
 _TRANSPOSED = {5, 6, 7, 8}
@@ -36,6 +36,7 @@ class DecodeOptions:
     allowed_roots: tuple[str, ...]
     allowed_schemes: tuple[str, ...]
     storage_options: dict
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO camera files
 
 
 class ImageFailure(Exception):
@@ -59,30 +60,52 @@ def target_size(height: int, width: int, factor: int, min_pixels: int, max_pixel
     return h, w
 
 
-def _pad_to_aspect(im: Image.Image, max_ratio: float) -> Image.Image:
-    """Pad (never crop) an extremely elongated image so the model accepts it."""
-    w, h = im.size
-    if max(w, h) / min(w, h) <= max_ratio:
-        return im
-    if w > h:
-        size = (w, math.ceil(w / max_ratio))
+def fitted_size(width: int, height: int, o: "DecodeOptions") -> tuple[tuple[int, int], tuple[int, int]]:
+    """((content w, h), (canvas w, h)) for an image of width x height: the canvas is what the
+    model gets (smart_resize of the image, or of the image padded to max_aspect_ratio when it is
+    more elongated); the content is the image scaled into it, aspect kept when padded. Computed
+    from the size alone, so an elongated image is scaled down before it is padded: padding a
+    1,000,000 x 99 image at full size would allocate 1,000,000 x 6,667 pixels."""
+    ratio = max(width, height) / min(width, height)
+    if ratio <= o.max_aspect_ratio:
+        th, tw = target_size(height, width, o.factor, o.min_pixels, o.max_pixels)
+        return (tw, th), (tw, th)
+    if width > height:
+        pw, ph = width, math.ceil(width / o.max_aspect_ratio)
     else:
-        size = (math.ceil(h / max_ratio), h)
+        pw, ph = math.ceil(height / o.max_aspect_ratio), height
+    th, tw = target_size(ph, pw, o.factor, o.min_pixels, o.max_pixels)
+    # Rounding the short side down to the factor can push the ratio back over the limit (12264 x 56
+    # for a 1,000,000 x 99 image): shorten the long side until it fits.
+    if tw > th * o.max_aspect_ratio:
+        tw = max(o.factor, math.floor(th * o.max_aspect_ratio / o.factor) * o.factor)
+    elif th > tw * o.max_aspect_ratio:
+        th = max(o.factor, math.floor(tw * o.max_aspect_ratio / o.factor) * o.factor)
+    scale = min(tw / width, th / height)
+    return (min(tw, max(1, round(width * scale))), min(th, max(1, round(height * scale)))), (tw, th)
+
+
+def _pad(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Center a (small, already resized) image on a white canvas of `size` (never crops)."""
+    if im.size == size:
+        return im
     canvas = Image.new("RGB", size, (255, 255, 255))
-    canvas.paste(im, ((size[0] - w) // 2, (size[1] - h) // 2))
+    canvas.paste(im, ((size[0] - im.width) // 2, (size[1] - im.height) // 2))
     return canvas
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB of an image that is already at its (small) target size: high bit depths are scaled by
+    their maximum, transparency is flattened onto white."""
     if im.mode == "RGB":
         return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        hi = a.max() if a.size and a.max() > 0 else 1.0
-        im = Image.fromarray((a * (255.0 / hi)).clip(0, 255).astype(np.uint8), "L")
-    if im.mode == "P":
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im)
+        hi = float(a.max()) if a.size and a.max() > 0 else 1.0
+        im = Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("P", "PA"):
         im = im.convert("RGBA")  # palette transparency -> alpha
-    if im.mode in ("RGBA", "LA", "PA"):
+    if im.mode in ("RGBA", "LA", "RGBa", "La"):
         im = im.convert("RGBA")
         bg = Image.new("RGB", im.size, (255, 255, 255))
         bg.paste(im, mask=im.getchannel("A"))
@@ -95,10 +118,12 @@ class ImageDecoder:
 
     def __init__(self, opts: DecodeOptions):
         self.opts = opts
-        self._roots = tuple(os.path.realpath(r) for r in opts.allowed_roots)
+        self._roots = tuple(os.path.realpath(r) for r in opts.allowed_roots if not is_url(r))
+        self._url_roots = tuple(normalize_url(r) for r in opts.allowed_roots if is_url(r))
         # Our own header check (below) bounds decoding; PIL's global limit would raise a warning or
         # an error of its own at a different threshold.
         Image.MAX_IMAGE_PIXELS = None
+        Image.init()  # register every plugin, so each name in image.formats is known to Image.open
 
     def _read_bytes(self, ref: str) -> bytes:
         o = self.opts
@@ -119,6 +144,9 @@ class ImageDecoder:
                 raise ImageFailure(schema.IMAGE_TOO_LARGE, f"{ref}: {size} bytes > input.max_image_bytes")
             with open(real, "rb") as f:
                 return f.read()
+        ref = normalize_url(ref)  # checked and fetched in the same form: '..' cannot leave a root
+        if not under_root(ref, self._url_roots):
+            raise ImageFailure(schema.PATH_NOT_ALLOWED, f"{ref}: outside input.allowed_roots")
         try:
             fs, p = filesystem(ref, o.storage_options)
             info = fs.info(p)
@@ -141,32 +169,43 @@ class ImageDecoder:
         if not data:
             raise ImageFailure(schema.BAD_IMAGE, f"{ref}: empty file")
         try:
-            im = Image.open(io.BytesIO(data))
-            width, height = im.size  # header only: nothing decoded yet
-            if width * height > o.max_decode_pixels:
-                raise ImageFailure(schema.IMAGE_TOO_LARGE, f"{ref}: {width}x{height} declared, over "
-                                   f"image.max_decode_pixels={o.max_decode_pixels} (refused before decoding)")
-            orientation = im.getexif().get(274, 1)
-            if orientation in _TRANSPOSED:
-                width, height = height, width
-            th, tw = target_size(height, width, o.factor, o.min_pixels, o.max_pixels)
-            if im.format == "JPEG":
-                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller:
-                # the biggest single saving for camera-sized photos.
-                side = max(th, tw)
-                im.draft("RGB", (side, side))
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            im = _to_rgb(im)
-            im = _pad_to_aspect(im, o.max_aspect_ratio)
-            th, tw = target_size(im.height, im.width, o.factor, o.min_pixels, o.max_pixels)
-            if im.size != (tw, th):
-                im = im.resize((tw, th), Image.BICUBIC, reducing_gap=3.0)
-            return np.asarray(im, dtype=np.uint8)
+            try:
+                # Only the formats a VLM dataset uses: an EPS file named .jpg never reaches Ghostscript.
+                im = Image.open(io.BytesIO(data), formats=list(o.formats))
+            except UnidentifiedImageError:
+                raise ImageFailure(schema.BAD_IMAGE, f"{ref}: not an image of an allowed format "
+                                   f"(image.formats: {', '.join(o.formats)})") from None
+            return self._fit(ref, im)
         except ImageFailure:
             raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ImageFailure(schema.BAD_IMAGE, f"{ref}: cannot decode ({type(e).__name__}: {e})") from None
+
+    def _fit(self, ref: str, im: Image.Image) -> np.ndarray:
+        """Decode once and bring to the model's size, smallest first: resize (in the file's own
+        mode), then orient, convert to RGB and pad, so no full-resolution copy is ever made."""
+        o = self.opts
+        width, height = im.size  # header only: nothing decoded yet
+        if width * height > o.max_decode_pixels:
+            raise ImageFailure(schema.IMAGE_TOO_LARGE, f"{ref}: {width}x{height} declared, over "
+                               f"image.max_decode_pixels={o.max_decode_pixels} (refused before decoding)")
+        transposed = im.getexif().get(274, 1) in _TRANSPOSED
+        ow, oh = (height, width) if transposed else (width, height)  # as the model will see it
+        (cw, ch), canvas = fitted_size(ow, oh, o)
+        if im.format == "JPEG":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller:
+            # the biggest single saving for camera-sized photos.
+            side = max(canvas)
+            im.draft(im.mode if im.mode in ("RGB", "L", "CMYK") else "RGB", (side, side))
+        if im.mode in ("P", "1"):
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")  # no good resampling in these modes
+        size = (ch, cw) if transposed else (cw, ch)
+        if im.size != size:
+            # reducing_gap: a fast box reduction first (not available for 16/32-bit modes)
+            gap = None if im.mode.startswith(("I", "F")) else 3.0
+            im = im.resize(size, Image.BICUBIC, reducing_gap=gap)
+        im = _pad(_to_rgb(ImageOps.exif_transpose(im)), canvas)
+        return np.asarray(im, dtype=np.uint8)
 
 
 class DecodeStage:

@@ -19,7 +19,10 @@ def catalog_run(tmp_path_factory, tiny_model):
     data = work / "bad"
     expected = make_bad_inputs.make(data)
     cfg = demo_config(data, work / "out", tiny_model, input={
-        "id_column": "id",
+        "id_column": "id", "max_record_bytes": 65536,
+        # The input's directory, and the one bucket the unreachable_s3 case may reach (roots apply to
+        # URLs too: s3_other_bucket is refused without a request).
+        "allowed_roots": [str(data), "s3://persqa-unreachable"],
         # The unreachable S3 case: an endpoint nobody listens on, one quick attempt.
         "storage_options": {"key": "persqa-test-key", "secret": "persqa-test-secret",
                             "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-west-2"},
@@ -40,10 +43,10 @@ def test_every_case_has_its_status(catalog_run):
     by_case: dict = {}
     for r in rows:
         by_case.setdefault(r.get("case"), []).append(r)
-    assert len(expected["cases"]) >= 25
+    assert len(expected["cases"]) >= 45
     for case in expected["cases"]:
         name, status = case["case"], case["status"]
-        if name in ("malformed_json_line", "json_not_object"):
+        if name in ("malformed_json_line", "json_not_object", "overlong_jsonl_line"):
             continue  # unparsed lines have no 'case' column: checked below
         got = by_case.get(name)
         assert got, f"{name}: no output row"
@@ -52,10 +55,15 @@ def test_every_case_has_its_status(catalog_run):
             assert (r["error"] is None) == (status == "ok"), name
             if status == "ok":
                 assert r["answer"].startswith("<mam>"), name
-    unparsed = sorted(r["error"] for r in by_case[None])
-    assert len(unparsed) == 2 and all(r["status"] == "bad_record" for r in by_case[None])
-    assert "not valid JSON" in unparsed[0] and "line 6" in unparsed[0]
-    assert "a list, not an object" in unparsed[1]
+    unparsed = [r["error"] for r in by_case[None]]
+    assert len(unparsed) == 3 and all(r["status"] == "bad_record" for r in by_case[None])
+    assert any("not valid JSON" in e and "line 6" in e for e in unparsed)
+    assert any("a list, not an object" in e for e in unparsed)
+    assert any("over input.max_record_bytes=65536" in e for e in unparsed)  # never parsed, never held whole
+    assert "allowed format" in by_case["eps_named_jpg"][0]["error"]
+    assert by_case["id_10000_chars"][0]["row_id"] == "i" * 10_000
+    assert all("outside input.allowed_roots" in by_case[c][0]["error"]
+               for c in ("readable_outside_roots", "symlink_out_of_roots", "s3_other_bucket", "file_url_outside_roots"))
     assert len(by_case["missing_image_column"]) == 2
     assert "\ufffd" in by_case["non_utf8_text"][0]["caption"]  # bad bytes replaced, row kept
 
@@ -82,3 +90,23 @@ def test_no_credentials_anywhere(catalog_run):
     texts += [p.read_bytes().decode(errors="replace") for p in logs]
     for secret in ("persqa-test-key", "persqa-test-secret"):
         assert not any(secret in t for t in texts), secret
+
+
+def test_report_shows_only_images_the_run_decoded(catalog_run, tmp_path):
+    """The report opens no reference the run refused (a readable photo outside the roots, a
+    symlink out of them, a URL): only rows the run decoded get a thumbnail, through the run's own
+    limits; a file name that is HTML markup is escaped."""
+    import re
+    work, expected, _ = catalog_run
+    html_path = tmp_path / "r.html"
+    proc = run_cli(["report", str(work / "out"), "--out", str(html_path), "--sample", "500"], cwd=tmp_path,
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = html_path.read_text(encoding="utf-8")
+    rows = persqa_ray.read_output(str(work / "out"), ["image", "status"]).to_pylist()
+    decoded = [r for r in rows if r["status"] in ("ok", "invalid_output", "engine_error")]
+    shown = re.findall(r"data-shown='1' alt='([^']*)'", text)
+    assert len(shown) == len(decoded) and text.count("data-shown='0'") == len(rows) - len(decoded)
+    private = [a for a in re.findall(r"data-shown='(\d)' alt='([^']*)'", text) if "private" in a[1] or "link_out" in a[1]]
+    assert len(private) == 2 and all(flag == "0" for flag, _ in private)
+    assert "<svg onload" not in text and "&lt;svg onload=alert(1)&gt;.png" in text

@@ -121,11 +121,16 @@ def test_dry_run_prints_config_and_requests_without_starting_anything(demo_data,
     data_dir, _ = demo_data
     cfg = demo_config(data_dir, tmp_path / "out", tiny_model, personalized=True)
     cfg["input"]["storage_options"] = {"key": "SECRET-KEY-VALUE"}
+    cfg["engine"]["env"]["HF_TOKEN"] = "SECRET-HF-TOKEN"
+    cfg["engine"]["engine_kwargs"] = {"hf_token": "SECRET-KWARG"}
     proc = run_cli(["run", str(write_config(tmp_path / "d.yaml", cfg)), "--dry-run"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.startswith("# resolved config") and "questions_per_image: 3" in out
-    assert "SECRET-KEY-VALUE" not in out + proc.stderr and "key: '***'" in out
+    for secret in ("SECRET-KEY-VALUE", "SECRET-HF-TOKEN", "SECRET-KWARG"):
+        assert secret not in out + proc.stderr, secret
+    assert "key: '***'" in out and "HF_TOKEN: '***'" in out and "hf_token: '***'" in out
+    assert "max_tokens: 24" in out  # not a credential: shown
     assert out.count("row_id: ") == 3 and "template_id: en-" in out and "prompt: " in out
     assert "subject_type_source: column" in out and "qa_type: recognition" in out
     assert "Started a local Ray" not in proc.stderr and not (tmp_path / "out").exists()

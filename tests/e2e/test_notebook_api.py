@@ -32,3 +32,29 @@ def test_build_dataset_k3_then_run(local_ray, demo_data, tiny_model, tmp_path):
         assert len({r["template_id"] for r in qa}) == 3  # distinct questions
         assert {r["template_id"].split("-")[1] for r in qa} == {"act", "scn"}  # spread over families
         assert all(r["answer"].startswith("<mam>") for r in qa)
+
+
+def test_readme_notebook_snippet_as_written(tmp_path, tiny_model, repo_root):
+    """The README's notebook block, run exactly as written from a copy of the repository root
+    after the demo's set-up (configs/, demo_data/, models/), in a clean environment."""
+    import shutil
+    import subprocess
+    import sys
+    import make_demo_data
+    from tests.compat.test_dataflow_examples import readme_block
+    from tests.conftest import clean_env
+    shutil.copytree(repo_root / "configs", tmp_path / "configs")
+    manifest = make_demo_data.make(tmp_path / "demo_data")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-qwen2-vl").symlink_to(tiny_model)
+    (tmp_path / "nb.py").write_text(readme_block("notebook-example"))
+    proc = subprocess.run([sys.executable, "nb.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import re
+    counts = [line for line in proc.stdout.splitlines() if re.fullmatch(r"\d+ \d+ \d+", line.strip())]
+    rows_in, rows_ok, table_rows = map(int, counts[-1].split())
+    assert rows_in == manifest["rows"] and rows_ok == manifest["rows"] - 2
+    assert table_rows > rows_in  # the demo config's recognition pairs: more QA rows than inputs
+    import pyarrow.dataset as pads
+    assert pads.dataset(str(tmp_path / "nb_parquet"), format="parquet").count_rows() == table_rows

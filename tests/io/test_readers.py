@@ -103,3 +103,28 @@ def test_columns_that_appear_in_later_rows_are_kept(tmp_path):
     rows = table.to_pylist()
     assert [r["caption"] for r in rows] == [None, "late", None, None]
     assert [r["n"] for r in rows] == [None, None, "1", '"two"']  # mixed types: kept as JSON text
+
+
+def test_overlong_jsonl_line_is_a_bad_record_and_never_held(tmp_path):
+    """input.max_record_bytes: a 3 MB line becomes one bad_record row (its position counted, the
+    rows around it intact); the reader never holds more than the limit of it."""
+    shard = tmp_path / "a.jsonl"
+    with open(shard, "w") as f:
+        f.write(json.dumps({"image": "a.jpg", "n": 0}) + "\n")
+        f.write(json.dumps({"image": "b.jpg", "blob": "x" * 3_000_000}) + "\n")
+        f.write(json.dumps({"image": "c.jpg", "n": 2}) + "\n")
+        f.write(json.dumps({"image": "d.jpg", "tail": "y" * 2_000_000}))  # no final newline
+    rows = rows_of(shard, "jsonl", opts(max_record_bytes=1_000_000))
+    assert [r["status"] for r in rows] == [schema.OK, schema.BAD_RECORD, schema.OK, schema.BAD_RECORD]
+    assert "line 2" in rows[1]["error"] and "over input.max_record_bytes=1000000" in rows[1]["error"]
+    assert rows[2]["n"] == 2 and rows[1]["row_id"] == positional_row_id(str(shard), 1)
+    assert "blob" not in rows[1] and "line 4" in rows[3]["error"]
+
+
+def test_relative_reference_in_an_s3_shard_resolves_before_the_root_check():
+    """'..' in a reference is resolved where the row is read: what the decoder checks against its
+    roots (and fetches) is s3://other-bucket/..., not a path that only looks like it is inside."""
+    from persqa_ray.io.readers import normalize_row
+    row = normalize_row({"image": ["../../other-bucket/secret.jpg", "img/ok.jpg"]}, "s3://inputs/in/a.jsonl", 0,
+                        opts())
+    assert row["image"] == ["s3://other-bucket/secret.jpg", "s3://inputs/in/img/ok.jpg"]
