@@ -110,7 +110,7 @@ def _upload_demo(s3, data_dir) -> str:
             fs.put(str(p), f"{prefix}/{p.relative_to(data_dir)}")
     rows = [{"image": f"s3://{prefix}/images/horse.jpg", "concept": "bucephalus", "subject": "animal"},
             {"image": [f"s3://{prefix}/images/rocket.jpg"], "concept": "saturnv", "subject": None},
-            {"image": f"s3://{BUCKET}/nowhere/missing.jpg", "concept": "ghost", "subject": "object"}]
+            {"image": f"s3://{prefix}/nowhere/missing.jpg", "concept": "ghost", "subject": "object"}]
     fs.pipe(f"{prefix}/shard-002.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     return f"s3://{prefix}/"
 
