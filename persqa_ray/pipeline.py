@@ -318,7 +318,7 @@ def resolve_gpus(p: Plan) -> Plan:
         update={"engine": e.model_copy(update={"num_gpus": n})}))
 
 
-def _wait_for_engine_actors(stats, timeout_s: float = 30.0) -> None:
+def _wait_for_engine_actors(stats, timeout_s: float = 15.0) -> None:
     """Wait until the engine actors of this machine have shut their engines down. When the run
     ends, Ray Data lets its actors exit on their own; if this driver exits first, its local Ray
     kills them mid-shutdown and vLLM's processes print tracebacks after a successful summary.

@@ -133,8 +133,10 @@ def _stop(proc) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def _vllm_servers(tiny_model, tmp_path_factory):
+    # Module scope: a server left running beside other modules' tests would be one more
+    # EngineCore process for the tests that find (and kill) their run's engine by name.
     started: list[dict] = []
     yield started, tiny_model, tmp_path_factory
     for server in started:
@@ -143,7 +145,7 @@ def _vllm_servers(tiny_model, tmp_path_factory):
 
 @pytest.fixture
 def vllm_server(_vllm_servers):
-    """A real `vllm serve` of the tiny model on 127.0.0.1, shared by every test that needs one
+    """A real `vllm serve` of the tiny model on 127.0.0.1, shared by the tests of one module
     (one ~40 s start-up); a test that killed it gets a new one for the next test."""
     started, model, factory = _vllm_servers
     if not started or started[-1]["proc"].poll() is not None:

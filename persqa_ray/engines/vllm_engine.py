@@ -282,7 +282,7 @@ def _child_pids() -> set[int]:
         return set()
 
 
-def _wait_for_engine_processes(before: set[int], timeout_s: float = 20.0) -> None:
+def _wait_for_engine_processes(before: set[int], timeout_s: float = 8.0) -> None:
     """Return once the engine's processes (EngineCore and its workers) have exited.
 
     vLLM's shutdown returns when it has signalled EngineCore, while EngineCore's worker is still

@@ -68,7 +68,7 @@ def test_killed_engine_process_is_recreated(tmp_path, tiny_model):
                       image={"batch_size": 2})
     with cli_running(["run", str(write_config(tmp_path / "r.yaml", cfg)), "--quiet"], tmp_path) as proc:
         wait_for_commits(proc, out, 2)
-        engines = pids_of("VLLM::EngineCore")
+        engines = [p for p in pids_of("VLLM::EngineCore") if os.getsid(p) == proc.pid]  # this run's
         assert len(engines) == 1
         os.kill(engines[0], signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=400)
@@ -85,10 +85,11 @@ def test_killed_engine_process_is_recreated(tmp_path, tiny_model):
 
 def _engine_core_pid(proc, timeout=300) -> int:
     deadline = time.time() + timeout
-    while not pids_of("VLLM::EngineCore"):
+    ours = lambda: [p for p in pids_of("VLLM::EngineCore") if os.getsid(p) == proc.pid]  # noqa: E731 - this run's
+    while not ours():
         assert proc.poll() is None and time.time() < deadline, "no engine process appeared"
         time.sleep(0.2)
-    return pids_of("VLLM::EngineCore")[0]
+    return ours()[0]
 
 
 def test_engine_actor_exits_when_its_restart_budget_is_spent(tmp_path, tiny_model):
