@@ -14,6 +14,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from persqa_ray.schema import IMAGE_FORMATS
+
 # Columns of the output row that users may partition by (low-cardinality ones).
 PARTITIONABLE_COLUMNS = ("status", "concept", "tag", "subject_type", "model", "template_id", "language",
                          "qa_type", "image_concept")
@@ -90,7 +92,7 @@ class ImageConfig(_Section):
         100_000_000, gt=0, description="Images whose header declares more pixels are refused before "
         "decoding (decompression bombs).")
     formats: list[str] = Field(
-        ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], description="Image formats (PIL names) that are "
+        list(IMAGE_FORMATS), description="Image formats (PIL names) that are "
         "opened; anything else is a bad_image row, so e.g. an EPS file named .jpg never reaches Ghostscript. "
         "GIF and WebP: the first frame.")
     concurrency: Union[int, tuple[int, int]] = Field(

@@ -8,6 +8,7 @@ file opens anywhere, including a headless browser in the tests.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -33,7 +34,9 @@ _COLUMNS = ["row_id", "qa_index", "status", "error", "image", "tag", "subject_ty
 DECODED_STATUSES = {schema.OK, schema.INVALID_OUTPUT, schema.ENGINE_ERROR}
 
 
+@functools.lru_cache(maxsize=1)
 def _placeholder() -> str:
+    """The grey "no image" card, encoded once (every refused or missing row shares it)."""
     from PIL import Image, ImageDraw
     im = Image.new("RGB", (THUMB_PX, THUMB_PX * 3 // 4), (200, 200, 200))
     ImageDraw.Draw(im).text((12, THUMB_PX // 3), "no image", fill=(90, 90, 90))

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# Image formats (PIL names) that are opened by default (image.formats): what a VLM dataset uses.
+# JPEG also opens MPO camera files; GIF and WebP give their first frame.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
 OK = "ok"
 # Failures before generation: one error row for the input row.
 BAD_RECORD = "bad_record"            # malformed JSONL line, not an object, unusable field values

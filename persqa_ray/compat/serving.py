@@ -52,7 +52,7 @@ def _decoder():
     return ImageDecoder(DecodeOptions(
         max_pixels=i.max_pixels, min_pixels=i.min_pixels, factor=i.resize_factor, max_aspect_ratio=i.max_aspect_ratio,
         max_decode_pixels=i.max_decode_pixels, max_image_bytes=d["max_image_bytes"].default, max_images=64,
-        allowed_roots=(os.sep,), allowed_schemes=("file", "s3"), storage_options={}))
+        allowed_roots=(os.sep,), allowed_schemes=("file", "s3"), storage_options={}, formats=tuple(i.formats)))
 
 
 def _as_array(image: Any, decoder) -> np.ndarray:

@@ -36,7 +36,7 @@ class DecodeOptions:
     allowed_roots: tuple[str, ...]
     allowed_schemes: tuple[str, ...]
     storage_options: dict
-    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO camera files
+    formats: tuple[str, ...] = schema.IMAGE_FORMATS
 
 
 class ImageFailure(Exception):
