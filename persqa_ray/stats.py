@@ -49,6 +49,9 @@ class RunStats:
     def add(self, key: str, n: int = 1) -> None:
         self.counters[key] += n
 
+    def rows_in(self) -> int:
+        return sum(self.shard_rows.values())
+
     def snapshot(self) -> dict:
         extra: Counter = Counter()
         for e in self.shard_extra.values():

@@ -81,10 +81,11 @@ def make_small_inputs(d: Path, n: int, shards: int = 8) -> Path:
     return d
 
 
-def _standin_run(work: Path, name: str, inputs: Path, out: Path, env: dict) -> dict:
+def _standin_run(work: Path, name: str, inputs: Path, out: Path, env: dict, block_rows: int = 512,
+                 window_rows: int | None = None) -> dict:
     """One stand-in pipeline run through the CLI, measured: wall time, peak RSS of the driver and
     of the whole process tree (driver, Ray's processes, workers)."""
-    cfg = {"input": {"path": str(inputs), "block_rows": 512},
+    cfg = {"input": {"path": str(inputs), "block_rows": block_rows},
            "image": {"max_pixels": 50176, "batch_size": 64, "concurrency": 1, "num_cpus": 0.5},
            "engine": {"kind": "standin", "model": "standin", "max_tokens": 16, "batch_size": 64,
                       "num_cpus": 0.5, "max_batches_in_flight": 4},
@@ -92,6 +93,8 @@ def _standin_run(work: Path, name: str, inputs: Path, out: Path, env: dict) -> d
            # A fixed object store: a run long enough fills whatever store it has (the default is
            # 30% of RAM), which is fill-up, not growth with rows; with a cap both sizes compare.
            "ray": {"object_store_memory": 2**30}}
+    if window_rows is not None:
+        cfg["run"] = {"window_rows": window_rows}
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     secs, rss, text, driver, pss = run_measured(
@@ -99,6 +102,7 @@ def _standin_run(work: Path, name: str, inputs: Path, out: Path, env: dict) -> d
     s = json.loads(text[text.index("{"):])
     r = {"rows_in": s["rows_in"], "rows_generated": s["rows_in"] - s["rows_resumed"],
          "rows_resumed": s["rows_resumed"], "consistent": s["consistent"], "duplicates": s["duplicates"],
+         "block_rows": block_rows, "windows": s.get("windows", 1),
          "seconds": round(secs, 1), "pipeline_seconds": s["seconds"],
          "driver_peak_rss_gib": round(driver, 3), "tree_peak_rss_gib": round(rss, 3),
          "tree_peak_pss_gib": round(pss, 3)}
@@ -106,16 +110,19 @@ def _standin_run(work: Path, name: str, inputs: Path, out: Path, env: dict) -> d
     return r
 
 
-def memory_bench(work: Path, sizes: list[int], env: dict) -> list[dict]:
+def memory_bench(work: Path, sizes: list[int], env: dict, block_rows: int = 512,
+                 window_rows: int | None = None) -> list[dict]:
     """Peak RSS of the driver and of the whole process tree for the stand-in pipeline at each N."""
     out = []
+    tag = f"b{block_rows}-w{window_rows}"
     for n in sizes:
         d = make_small_inputs(work / f"mem-{n}", n)
-        out.append({"rows": n, **_standin_run(work, f"mem-{n}", d, work / f"mem-out-{n}", env)})
+        out.append({"rows": n, "window_rows": window_rows,
+                    **_standin_run(work, f"mem-{n}-{tag}", d, work / f"mem-out-{n}-{tag}", env, block_rows, window_rows)})
     return out
 
 
-def resume_bench(work: Path, n: int, env: dict, tag: str = "new") -> dict:
+def resume_bench(work: Path, n: int, env: dict, output: Path, tag: str = "new") -> dict:
     """Resume an N-row output with 1% of rows left (a new shard of N/100 rows), next to a fresh
     run of the same 1%: start-up time and driver memory should be close (the resume state is
     loaded per shard by the read tasks, never on the driver)."""
@@ -127,7 +134,7 @@ def resume_bench(work: Path, n: int, env: dict, tag: str = "new") -> dict:
     with open(d / f"rows-{tag}.jsonl", "w") as f:
         for i in range(extra):
             f.write(json.dumps({**rows[i % len(rows)], "n": n + i}) + "\n")
-    resumed = _standin_run(work, f"resume-{n}-{tag}", d, work / f"mem-out-{n}", env)
+    resumed = _standin_run(work, f"resume-{n}-{tag}", d, output, env)
     fresh_dir = work / f"fresh-{extra}-{tag}"
     (fresh_dir).mkdir(exist_ok=True)
     if not (fresh_dir / "images").exists():
@@ -350,6 +357,10 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true",
                     help="with --memory: then resume the largest output with 1%% of rows left, next to a fresh "
                     "run of that 1%%")
+    ap.add_argument("--block-rows", type=int, default=512,
+                    help="with --memory: input.block_rows (small blocks magnify per-block costs)")
+    ap.add_argument("--window-rows", type=int, default=None,
+                    help="with --memory: run.window_rows (default: the config's)")
     ap.add_argument("--distinct", type=int, default=0,
                     help="rows cycle over this many distinct image files (0: one file per row)")
     ap.add_argument("--decode", type=int, default=None, metavar="N",
@@ -366,7 +377,7 @@ def main() -> None:
         return
     if a.memory:
         sizes = [int(x) for x in a.memory.split(",")]
-        results = memory_bench(work, sizes, env)
+        results = memory_bench(work, sizes, env, a.block_rows, a.window_rows)
         first, last = results[0], results[-1]
         report = {"mode": "memory", "engine": "standin (benchmark instrument: no model)",
                   "cpu_count": os.cpu_count(), "results": results,
@@ -374,7 +385,8 @@ def main() -> None:
                   "tree_ratio_last_to_first": round(last["tree_peak_rss_gib"] / first["tree_peak_rss_gib"], 3),
                   "tree_pss_ratio_last_to_first": round(last["tree_peak_pss_gib"] / first["tree_peak_pss_gib"], 3)}
         if a.resume:
-            report["resume"] = resume_bench(work, sizes[-1], env)
+            report["resume"] = resume_bench(work, sizes[-1], env,
+                                            work / f"mem-out-{sizes[-1]}-b{a.block_rows}-w{a.window_rows}")
         Path(a.out).write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         return

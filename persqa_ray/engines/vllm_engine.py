@@ -239,6 +239,9 @@ class VLLMEngine:
         allm, self.async_llm = getattr(self, "async_llm", None), None
         if llm is None and allm is None:
             return
+        # Every engine process, taken before any is signalled: once EngineCore exits its worker is
+        # re-parented and no longer shows among this process's children, but must still be waited for.
+        engine_procs = _engine_processes(getattr(self, "_children_before", set()))
         try:
             if allm is not None:
                 _stop_output_handler(allm)
@@ -250,7 +253,7 @@ class VLLMEngine:
                     core.shutdown()
         except Exception:  # noqa: BLE001 - best effort on the way out
             log.debug("engine shutdown raised", exc_info=True)
-        _wait_for_engine_processes(getattr(self, "_children_before", set()))
+        _wait_for_exit(engine_procs)
 
 
 def _stop_output_handler(allm, timeout_s: float = 5.0) -> None:
@@ -282,36 +285,38 @@ def _child_pids() -> set[int]:
         return set()
 
 
-def _wait_for_engine_processes(before: set[int], timeout_s: float = 8.0) -> None:
-    """Return once the engine's processes (EngineCore and its workers) have exited.
-
-    vLLM's shutdown returns when it has signalled EngineCore, while EngineCore's worker is still
-    exiting. If this process (a Ray actor) exits first, Ray reaps its children, the shared
-    `resource_tracker` among them; the worker then relaunches a tracker that knows none of its
-    shared-memory names and prints a KeyError traceback for each, after a successful run's
-    summary. Waiting here keeps the tracker alive until every engine process is gone."""
+def _engine_processes(before: set[int]) -> list:
+    """The engine's processes (EngineCore and its workers): this process's descendants started
+    after `before` was taken, except multiprocessing's resource tracker (ours, not the engine's)."""
     try:
         import psutil
         from multiprocessing import resource_tracker
-    except ImportError:
-        return
-    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+        tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+        return [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.pid != tracker]
+    except Exception:  # noqa: BLE001 - psutil missing: nothing to wait for
+        return []
+
+
+def _wait_for_exit(procs: list, timeout_s: float = 8.0) -> None:
+    """Return once the engine's processes have exited.
+
+    vLLM's shutdown returns when it has signalled EngineCore, while EngineCore's worker is still
+    exiting. If this process (a Ray actor) exits first, Ray kills its children, the shared
+    `resource_tracker` among them; the worker then relaunches a tracker that knows none of its
+    shared-memory names and prints a KeyError traceback for each, after a successful run's
+    summary. The worker is a grandchild, re-parented when EngineCore exits, so the processes are
+    taken before shutdown (`_engine_processes`) and waited for by handle, not found again."""
     deadline = time.monotonic() + timeout_s
-    me = psutil.Process()
     while time.monotonic() < deadline:
-        try:
-            kids = [p for p in me.children(recursive=True) if p.pid not in before and p.pid != tracker]
-        except psutil.Error:
+        if not [p for p in procs if _running(p)]:
             return
-        if not [p for p in kids if _running(p)]:
-            return
-        time.sleep(0.1)
+        time.sleep(0.05)
     log.debug("engine processes still running after %.0f s", timeout_s)
 
 
 def _running(p) -> bool:
     import psutil
     try:
-        return p.status() != psutil.STATUS_ZOMBIE
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False

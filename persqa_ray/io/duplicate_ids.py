@@ -71,7 +71,7 @@ def find_duplicate_ids(shards: list[tuple[str, str]], read_opts, out_path: str, 
     output.path/_work/, this invocation's own: remove it with `remove_work`)."""
     import ray
     work = f"{out_path.rstrip('/')}/{WORK_DIR}/dups-{uuid.uuid4().hex[:12]}"
-    items = [{"shard": s, "format": f, "order": i} for i, (s, f) in enumerate(shards)]
+    items = [{"shard": s, "format": f, "order": i} for i, (s, f, *_) in enumerate(shards)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(id_values_batch, batch_size=1, batch_format="numpy", fn_kwargs={"opts": read_opts})
     dups = ds.groupby("id").map_groups(non_first, batch_format="pyarrow")

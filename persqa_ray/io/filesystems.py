@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import fsspec
 
@@ -48,58 +48,66 @@ def format_of(path: str, declared: str) -> str | None:
     return SHARD_EXTENSIONS.get(os.path.splitext(path.lower())[1])
 
 
-def list_shards(paths: str | Iterable[str], declared_format: str = "auto",
-                storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
-    """Expand files, directories and globs into sorted (shard path, format) pairs.
+class Shard(NamedTuple):
+    path: str
+    format: str
+    size: int = 0  # bytes, from the listing (sizes the run's windows: pipeline/windows.py)
 
-    Local paths come back absolute. Raises FileNotFoundError naming the first path that matches
-    nothing, so a typo fails before any work starts.
+
+def list_shards(paths: str | Iterable[str], declared_format: str = "auto",
+                storage_options: dict[str, Any] | None = None) -> list[Shard]:
+    """Expand files, directories and globs into sorted shards (path, format, size).
+
+    Local paths come back absolute. Sizes come from the listing itself (no request per file).
+    Raises FileNotFoundError naming the first path that matches nothing, so a typo fails before
+    any work starts.
     """
     items = [paths] if isinstance(paths, str) else list(paths)
-    found: dict[str, str] = {}
+    found: dict[str, Shard] = {}
     for item in items:
         local = not is_url(item)
         if local:
             item = os.path.abspath(os.path.expanduser(item))
         fs, p = filesystem(item, storage_options)
         if any(ch in p for ch in "*?["):
-            matches = sorted(fs.glob(p))
+            matches = fs.glob(p, detail=True)
         elif fs.isdir(p):
             matches = _listable(fs, p)
         elif fs.exists(p):
-            matches = [p]
+            matches = {p: fs.info(p)}
         else:
             raise FileNotFoundError(f"input.path: {item} does not exist")
         kept = 0
-        for m in matches:
+        for m, info in sorted(matches.items()):
             full = _with_scheme(fs, m, item)
             fmt = format_of(full, declared_format)
-            if fmt is not None and not fs.isdir(m):
-                found[full] = fmt
+            if fmt is not None and info.get("type") != "directory":
+                found[full] = Shard(full, fmt, int(info.get("size") or 0))
                 kept += 1
         if kept == 0:
             raise FileNotFoundError(f"input.path: {item} holds no .jsonl/.json/.parquet shard")
-    return sorted(found.items())
+    return [found[k] for k in sorted(found)]
 
 
 OUTPUT_MARKER = "_run.json"  # an output persqa_ray wrote (io/outputs.py)
 
 
-def _listable(fs, root: str) -> list[str]:
-    """Files under a directory that can be input: not hidden or underscore-named at any level
-    (`_commits/…`, `.tmp` files), and not inside an output persqa_ray wrote, wherever it sits."""
+def _listable(fs, root: str) -> dict[str, dict]:
+    """Files (path -> listing info) under a directory that can be input: not hidden or
+    underscore-named at any level (`_commits/…`, `.tmp` files), and not inside an output
+    persqa_ray wrote, wherever it sits."""
     root = root.rstrip("/")
-    files = fs.find(root)
+    files = fs.find(root, detail=True)
     outputs = [f[: -len(OUTPUT_MARKER) - 1] for f in files if posixpath.basename(f) == OUTPUT_MARKER]
-    kept = []
-    for f in files:
+    kept = {}
+    for f, info in files.items():
         rel = f[len(root) + 1:]
         if any(seg.startswith(("_", ".")) for seg in rel.split("/")):
             continue
         if any(f.startswith(o + "/") for o in outputs):
             continue
-        kept.append(f)
-    return sorted(kept)
+        kept[f] = info
+    return kept
 
 
 def parent_of(path: str) -> str:

@@ -82,7 +82,7 @@ def input_anchors(input_path, shards: list[tuple[str, str]]) -> list[str]:
         base = item if cut < 0 else (item[:cut].rsplit("/", 1)[0] if "/" in item[:cut] else ".")
         base = base or "/"
         out.append(_norm(base))
-    for shard, _ in shards:
+    for shard, *_ in shards:
         out.append(_norm(shard.rsplit("/", 1)[0] if is_url(shard) else os.path.dirname(shard)))
     return sorted(set(out))
 
@@ -206,7 +206,7 @@ def open_output(cfg, shards: list[tuple[str, str]], limits: Optional[dict] = Non
     return lease
 
 
-def without_outputs(shards: list[tuple[str, str]], out_path: str) -> list[tuple[str, str]]:
+def without_outputs(shards: list, out_path: str) -> list:
     """Input shards minus anything inside output.path (an output inside the input directory)."""
     out = _norm(out_path)
-    return [(s, f) for s, f in shards if not _inside(_norm(s), out)]
+    return [s for s in shards if not _inside(_norm(s[0]), out)]

@@ -87,6 +87,7 @@ def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: s
         "duplicates": fold["duplicates"],
         "engine_error_fraction": engine_fraction,
         "shards": stats.get("shards", 0),
+        "windows": stats.get("windows", 1),
         "shard_errors": stats.get("shard_errors", {}),
         "engine_restarts": stats.get("engine_restarts", 0),
         "engine_actor_exits": stats.get("engine_actor_exits", 0),

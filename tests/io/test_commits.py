@@ -170,7 +170,7 @@ def test_listing_skips_outputs_and_underscore_dirs(tmp_path):
     ours(out)
     write_committed(block("/d/a.jsonl", range(0, 2)), opts(out))
     (out / "stray.jsonl").write_text("{}\n")
-    found = [os.path.relpath(s, data) for s, _ in list_shards(str(data))]
+    found = [os.path.relpath(s.path, data) for s in list_shards(str(data))]
     assert found == ["a.jsonl", "sub/b.parquet"]
 
 

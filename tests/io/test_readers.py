@@ -85,10 +85,12 @@ def test_clashing_input_columns_are_kept_renamed(tmp_path):
 def test_list_shards_dir_glob_list(tmp_path):
     (tmp_path / "d").mkdir()
     for n in ("a.jsonl", "b.parquet", "c.txt", "_meta.json"):
-        (tmp_path / "d" / n).write_text("")
+        (tmp_path / "d" / n).write_text("x" * len(n))
     found = list_shards(str(tmp_path / "d"))
-    assert [os.path.basename(p) for p, _ in found] == ["a.jsonl", "b.parquet"]
-    assert [f for _, f in found] == ["jsonl", "parquet"]
+    assert [os.path.basename(s.path) for s in found] == ["a.jsonl", "b.parquet"]
+    assert [s.format for s in found] == ["jsonl", "parquet"]
+    assert [s.size for s in found] == [7, 9]  # from the listing: they size the run's windows
+    assert [s.size for s in list_shards(str(tmp_path / "d" / "*.jsonl"))] == [7]
     assert len(list_shards(str(tmp_path / "d" / "*.jsonl"))) == 1
     assert len(list_shards([str(tmp_path / "d" / "a.jsonl"), str(tmp_path / "d" / "b.parquet")])) == 2
     with pytest.raises(FileNotFoundError, match="does not exist"):

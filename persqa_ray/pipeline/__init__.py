@@ -17,13 +17,14 @@ import ray
 from persqa_ray import schema
 from persqa_ray.config import ConfigError, PersQAConfig, load_config
 from persqa_ray.engines.base import EngineSpec
-from persqa_ray.io.filesystems import is_url, list_shards, normalize_url, parent_of
+from persqa_ray.io.filesystems import Shard, is_url, list_shards, normalize_url, parent_of
 from persqa_ray.io.commits import WriteOptions, write_committed
 from persqa_ray.io.duplicate_ids import find_duplicate_ids, remove_work
 from persqa_ray.io.outputs import check_output_location, open_output, without_outputs
 from persqa_ray.io.readers import ReadOptions, concept_values_batch, read_shards_batch
 from persqa_ray.io.resume import ResumeOptions
 from persqa_ray.io.summary import summarize, write_summary
+from persqa_ray.pipeline.windows import Windows
 from persqa_ray.personalization.concepts import Concept, ConceptRegistry, load_tokenizer, vocab_collision
 from persqa_ray.personalization.templates import TemplateError
 from persqa_ray.stages.decode import DecodeOptions, DecodeStage
@@ -83,7 +84,9 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
     otherwise input.path is listed.
     """
     cfg = load_config(config)
-    if shards is None:
+    if shards is not None:
+        shards = [Shard(*s) for s in shards]
+    else:
         try:
             shards = list_shards(cfg.input.path, cfg.input.format, cfg.input.storage_options)
         except FileNotFoundError as e:
@@ -97,7 +100,7 @@ def plan(config: Union[PersQAConfig, dict, str], shards: Optional[list[tuple[str
     cwd = os.getcwd()
     roots = cfg.input.allowed_roots
     if roots is None:  # the input's own directories or bucket prefixes
-        roots = sorted({parent_of(s) for s, _ in shards})
+        roots = sorted({parent_of(s[0]) for s in shards})
         if cfg.input.paths_relative_to == "cwd":
             roots.append(cwd)
     roots = [normalize_url(r) if is_url(r) else os.path.abspath(os.path.expanduser(r)) for r in roots]
@@ -178,7 +181,7 @@ def discover_concepts(p: Plan) -> Plan:
     cfg, req = p.config, p.requests
     if not req.concept_column or not (req.recognition or cfg.prompt.tag_vocab_check != "off"):
         return p
-    items = [{"shard": s, "format": f} for s, f in p.shards]
+    items = [{"shard": s, "format": f} for s, f, *_ in p.shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(concept_values_batch, batch_size=1, batch_format="numpy",
                         fn_kwargs={"opts": p.read, "column": req.concept_column})
@@ -203,7 +206,7 @@ def preview(p: Plan, n: int = 3) -> list[dict[str, Any]]:
     """The first n rows' requests, built on the driver with no Ray and no engine (--dry-run)."""
     from persqa_ray.io.readers import read_shard
     out: list[dict[str, Any]] = []
-    for shard, fmt in p.shards:
+    for shard, fmt, *_ in p.shards:
         for table in read_shard(shard, fmt, p.read):
             table = build_requests(table.slice(0, n - len(out)), p.requests)
             for r in table.to_pylist():
@@ -241,7 +244,7 @@ def init_ray(cfg: PersQAConfig) -> None:
 
 def _compose(p: Plan, stats, resume: Optional[ResumeOptions] = None) -> ray.data.Dataset:
     cfg = p.config
-    shard_items = [{"shard": s, "format": f} for s, f in p.shards]
+    shard_items = [{"shard": s, "format": f} for s, f, *_ in p.shards]
     ds = ray.data.from_items(shard_items, override_num_blocks=max(1, len(shard_items)))
     # Each read task loads its own shard's resume state (io/resume.py): nothing of it is built here.
     ds = ds.map_batches(read_shards_batch, batch_size=1, batch_format="numpy",
@@ -263,8 +266,17 @@ def _compose(p: Plan, stats, resume: Optional[ResumeOptions] = None) -> ray.data
                         batch_size=cfg.engine.batch_size, batch_format="pyarrow",
                         compute=_pool(cfg.engine.concurrency, cfg.engine.max_batches_in_flight if asynchronous else None),
                         num_cpus=cfg.engine.num_cpus, num_gpus=None if remote else (cfg.engine.num_gpus or None),
-                        resources=dict(cfg.engine.resources) or None)
+                        resources=dict(cfg.engine.resources) or None,
+                        **({} if remote else {"runtime_env": ENGINE_ACTOR_ENV}))
     return ds
+
+
+# An engine actor's exit: Ray's core worker kills the actor's child processes *before* it runs the
+# UDF's teardown (`__ray_shutdown__` -> `__del__`), so vLLM's EngineCore and multiprocessing's
+# resource tracker died under a live engine worker, which then printed KeyError tracebacks after a
+# successful run. Off for engine actors, the engine is shut down in order by its own teardown; its
+# processes still exit with the actor when it is killed (measured: within 2 s of ray.kill or SIGKILL).
+ENGINE_ACTOR_ENV = {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "0"}}
 
 
 # Keeps the stats actor of datasets built through the public API alive as long as the session.
@@ -384,16 +396,24 @@ def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> di
         stats = RunStats.remote()
         resume = ResumeOptions(path=cfg.output.path, storage_options=dict(cfg.output.storage_options),
                                retry_statuses=tuple(cfg.run.retry_errors))
-        ds = _compose(p, stats, resume)
         fault = os.environ.get("PERSQA_FAULT")  # crash tests: see io/commits.py
         wopts = WriteOptions(path=cfg.output.path, storage_options=dict(cfg.output.storage_options),
                              partition_by=tuple(cfg.output.partition_by), fault=fault, driver_pid=os.getpid())
-        written = ds.map_batches(write_committed, batch_size=None, batch_format="pyarrow", fn_kwargs={"opts": wopts})
-        for _ in written.iter_batches(batch_size=None):  # drives the pipeline; each batch is one count
-            pass
+        windows = Windows(p.shards, cfg.run.window_rows)
+        for shards in windows:  # one Ray Data execution per window (pipeline/windows.py says why)
+            if len(shards) < len(p.shards):
+                log.info("window %d: %d shard(s) from %s", windows.windows, len(shards), shards[0].path)
+            ds = _compose(dataclasses.replace(p, shards=shards), stats, resume)
+            written = ds.map_batches(write_committed, batch_size=None, batch_format="pyarrow",
+                                     fn_kwargs={"opts": wopts})
+            for _ in written.iter_batches(batch_size=None):  # drives the pipeline; each batch is one count
+                pass
+            # The window's engines are down before the next window's start (one GPU cannot hold two).
+            _wait_for_engine_actors(stats)
+            windows.observe(ray.get(stats.rows_in.remote()))
         seconds = time.time() - started
-        _wait_for_engine_actors(stats)
         snapshot = ray.get(stats.snapshot.remote())
+        snapshot["windows"] = windows.windows
         ray.kill(stats)
         if lease.lost:
             raise ConfigError(f"output.path: {cfg.output.path}: {lease.lost} during this run; its summary "
