@@ -92,6 +92,7 @@ def _engine_resolution(cfg) -> str:
 
 def _dry_run(cfg) -> int:
     import yaml
+
     from persqa_ray.config import masked
     from persqa_ray.pipeline import plan, preview
     p = plan(cfg)
@@ -100,7 +101,7 @@ def _dry_run(cfg) -> int:
     print(f"# {len(p.shards)} input shard(s); first requests (no Ray, no engine started)")
     for w in p.warnings:
         print(f"# warning: {w}")
-    if p.requests.recognition and p.requests.concept_column:
+    if p.personalization.recognition and p.personalization.concept_column:
         print("# 'No' recognition pairs need the run's concept pass over the input: not shown here")
     for r in preview(p):
         print(yaml.safe_dump(r, sort_keys=False, allow_unicode=True, width=120))

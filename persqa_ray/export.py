@@ -20,8 +20,8 @@ from typing import Any, Optional
 import pyarrow.compute as pc
 
 from persqa_ray import schema
-from persqa_ray.io.filesystems import filesystem, is_url
 from persqa_ray.io.dataset import iter_output
+from persqa_ray.io.filesystems import filesystem, is_url
 
 FORMATS = ("llava", "sharegpt", "jsonl")
 _JSONL_FIELDS = ("row_id", "qa_index", "image", "qa_type", "concept", "tag", "image_concept", "subject_type",

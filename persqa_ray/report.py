@@ -18,9 +18,9 @@ from typing import Any, Optional
 import pyarrow.compute as pc
 
 from persqa_ray import schema
-from persqa_ray.io.filesystems import filesystem, is_url
 from persqa_ray.io.commits import iter_records, output_root
 from persqa_ray.io.dataset import iter_output
+from persqa_ray.io.filesystems import filesystem, is_url
 from persqa_ray.io.summary import read_summary
 
 THUMB_PX = 192
@@ -223,7 +223,8 @@ def build_report(output: str, out: str = "report.html", sample: int = 24, seed: 
     keys = ("rows_in", "rows_ok", "rows_error", "qa_rows", "qa_rows_ok", "errors_by_status", "qa_rows_by_type",
             "rows_by_subject_type", "recognition_labels", "recognition_disagreements", "seconds",
             "rows_per_second", "output_tokens_per_second", "model", "warnings")
-    summary_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(summary[k], ensure_ascii=False))}</td></tr>"
+    cell = (lambda v: html.escape(json.dumps(v, ensure_ascii=False)))
+    summary_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{cell(summary[k])}</td></tr>"
                            for k in keys if k in summary)
     plots = "".join([
         _bars("Rows per status", [(s["values"], s["counts"]) for s in statuses]),

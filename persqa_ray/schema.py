@@ -32,7 +32,7 @@ OUTPUT_FIELDS = [
     pa.field("tag", pa.string()),
     pa.field("image_concept", pa.string()),     # the concept the image shows (differs on "No" pairs)
     pa.field("subject_type", pa.string()),
-    pa.field("subject_type_source", pa.string()),  # column | concept | detected | default | unknown
+    pa.field("subject_type_source", pa.string()),  # one of SUBJECT_SOURCES
     pa.field("question", pa.string()),
     pa.field("answer", pa.string()),
     pa.field("pers_qa", pa.string()),
@@ -51,12 +51,17 @@ OUTPUT_FIELDS = [
     pa.field("latency_s", pa.float32()),
 ]
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]
+# What decided a row's subject type (personalization/subjects.py): the input's subject-type column,
+# the concept's configured type, the VLM, prompt.default_subject_type, or nothing (only the families
+# valid for every type are asked).
+SUBJECT_SOURCES = ("column", "concept", "detected", "default", "unknown")
 # Working columns that travel between stages and never reach the output.
 INTERNAL_PREFIX = "_pq_"
 PIXELS = "_pq_pixels"        # list<large_binary>: raw RGB uint8, row-major
 SHAPES = "_pq_shapes"        # list<list<int32>>: [height, width] per image
-ITEMS = "_pq_items"          # list<struct>: the row's QA items (stages/requests.py ITEM_TYPE)
+ITEMS = "_pq_items"          # list<struct>: the row's QA items (personalization/items.py ITEM_TYPE)
 CLASS_PHRASE = "_pq_class_phrase"  # the concept's class phrase, if registered
+DETECT = "_pq_detect"        # bool: the VLM decides the row's subject type (generate stage)
 SOURCE = "_pq_source"        # shard path the row came from (travels to the writer: commit units)
 POSITION = "_pq_position"    # the row's position in its shard (resume state: done ranges)
 REPLACES = "_pq_replaces"    # --retry-errors: the commit record whose error row this row replaces

@@ -1,7 +1,8 @@
 """Run-wide counters kept by one small actor: what the driver cannot see without collecting data.
 
 Read tasks report each shard's row count and resume numbers (idempotent per shard, so a retried
-task does not count twice) or its failure; engine actors report restarts. Memory: O(shards). The driver reads a snapshot at the end.
+task does not count twice) or its failure; engine actors report restarts. Memory: O(shards). The
+driver reads a snapshot at the end.
 """
 from __future__ import annotations
 

@@ -24,9 +24,9 @@ Prints a table and writes the same as JSON.
 from __future__ import annotations
 
 import argparse
-import shutil
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,8 +117,8 @@ def memory_bench(work: Path, sizes: list[int], env: dict, block_rows: int = 512,
     tag = f"b{block_rows}-w{window_rows}"
     for n in sizes:
         d = make_small_inputs(work / f"mem-{n}", n)
-        out.append({"rows": n, "window_rows": window_rows,
-                    **_standin_run(work, f"mem-{n}-{tag}", d, work / f"mem-out-{n}-{tag}", env, block_rows, window_rows)})
+        r = _standin_run(work, f"mem-{n}-{tag}", d, work / f"mem-out-{n}-{tag}", env, block_rows, window_rows)
+        out.append({"rows": n, "window_rows": window_rows, **r})
     return out
 
 
@@ -150,6 +150,7 @@ def decode_bench(work: Path, n: int, max_pixels: int) -> dict:
     decode, resize, uint8 bytes into Arrow): rows/s of each and their ratio."""
     import pyarrow as pa
     from PIL import Image
+
     from persqa_ray import schema
     from persqa_ray.stages.decode import DecodeOptions, DecodeStage, target_size
     shard = make_inputs(work, n)
@@ -183,19 +184,21 @@ def bare_engine(shard: str, model: str, max_tokens: int, max_pixels: int, gpu: b
     """Run in a child process: the same work with no pipeline at all."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.time()
-    from persqa_ray.config import ImageConfig
-    from persqa_ray.engines.base import prefix_regex
-    from persqa_ray.stages.decode import DecodeOptions, ImageDecoder
-    from persqa_ray.stages.requests import RequestOptions, plan_questions
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
+
+    from persqa_ray.config import ImageConfig
+    from persqa_ray.engines.base import prefix_regex
+    from persqa_ray.personalization.items import open_items
+    from persqa_ray.personalization.options import PersonalizationOptions
+    from persqa_ray.stages.decode import DecodeOptions, ImageDecoder
     img = ImageConfig(max_pixels=max_pixels)
     base = os.path.dirname(shard)
     dec = ImageDecoder(DecodeOptions(max_pixels=max_pixels, min_pixels=img.min_pixels, factor=28,
                                      max_aspect_ratio=150.0, max_decode_pixels=100_000_000,
                                      max_image_bytes=1 << 30, max_images=4, allowed_roots=(base,),
                                      allowed_schemes=("file",), storage_options={}))
-    ro = RequestOptions("mam", 0, 1, "en")
+    po = PersonalizationOptions("mam", 0, 1, "en")  # the pipeline's own prompts for the same rows
     kw = dict(model=model, limit_mm_per_prompt={"image": 4, "video": 0}, seed=0, max_model_len=4096)
     if not gpu:
         kw["enforce_eager"] = True
@@ -207,9 +210,9 @@ def bare_engine(shard: str, model: str, max_tokens: int, max_pixels: int, gpu: b
     for i, line in enumerate(open(shard)):
         rec = json.loads(line)
         arr = dec.decode(os.path.join(base, rec["image"][0]))
-        _, _, prompts = plan_questions(ro, f"bench-{i}")
-        msgs = [{"role": "system", "content": ro.render_system_prompt()},
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompts[0]}]}]
+        item = open_items(po, f"bench-{i}", po.registry.resolve(None)[0], None)[0]
+        msgs = [{"role": "system", "content": item["system"]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["prompt"]}]}]
         inputs.append({"prompt": tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
                        "multi_modal_data": {"image": [arr]}})
     t_decode = time.time() - t1
@@ -250,18 +253,20 @@ def ray_data_llm(shard: str, model: str, max_tokens: int, max_pixels: int, gpu: 
 
     def preprocess(row: dict) -> dict:
         from PIL import Image
+
         from persqa_ray.engines.base import prefix_regex
+        from persqa_ray.personalization.items import open_items
+        from persqa_ray.personalization.options import PersonalizationOptions
         from persqa_ray.stages.decode import DecodeOptions, ImageDecoder
-        from persqa_ray.stages.requests import RequestOptions, plan_questions
         dec = ImageDecoder(DecodeOptions(max_pixels=max_pixels, min_pixels=3136, factor=28, max_aspect_ratio=150.0,
                                          max_decode_pixels=100_000_000, max_image_bytes=1 << 30, max_images=4,
                                          allowed_roots=(base,), allowed_schemes=("file",), storage_options={}))
-        ro = RequestOptions("mam", 0, 1, "en")
-        _, _, prompts = plan_questions(ro, f"bench-{row['n']}")
+        po = PersonalizationOptions("mam", 0, 1, "en")
+        item = open_items(po, f"bench-{row['n']}", po.registry.resolve(None)[0], None)[0]
         image = Image.fromarray(dec.decode(os.path.join(base, row["image"][0])))
-        return dict(messages=[{"role": "system", "content": ro.render_system_prompt()},
+        return dict(messages=[{"role": "system", "content": item["system"]},
                               {"role": "user", "content": [{"type": "image_pil", "image_pil": image},
-                                                           {"type": "text", "text": prompts[0]}]}],
+                                                           {"type": "text", "text": item["prompt"]}]}],
                     sampling_params=dict(max_tokens=max_tokens, temperature=0.7, top_p=0.9, ignore_eos=True,
                                          structured_outputs={"regex": prefix_regex("<mam>")}))
 
@@ -318,7 +323,8 @@ def _measure(proc, t0: float, timeout: float) -> tuple[float, float, str, float,
         time.sleep(0.2)
     out = proc.stdout.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"{proc.args[:4]} failed ({proc.returncode}): {out[-2000:]} (its stderr: contender-*.err in the work dir)")
+        raise RuntimeError(f"{proc.args[:4]} failed ({proc.returncode}): {out[-2000:]} "
+                           "(its stderr: contender-*.err in the work dir)")
     return time.time() - t0, peak / 2**30, out, own / 2**30, peak_pss / 2**30
 
 

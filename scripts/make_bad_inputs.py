@@ -1,7 +1,8 @@
 """Generate the catalog of bad (and awkward-but-valid) inputs: tests/data/bad/ by default.
 
 Everything is made here from real photos in scikit-image, PIL and a few raw bytes; nothing binary
-is committed. OUT/_expected.json (underscore: not read as a shard) maps each case to the status the pipeline must give it; the
+is committed. OUT/_expected.json (underscore: not read as a shard) maps each case to the status
+the pipeline must give it; the
 README's failure table is this list.
 
     python scripts/make_bad_inputs.py [OUT]

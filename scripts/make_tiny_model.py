@@ -47,7 +47,8 @@ _WORDS = (
     "camera background front side near next yes no it he she they color shape made material "
     "doing wear look like kind breed posture expression scene outdoors indoors day night light"
 ).split()
-_ZH = "的 是 在 有 一 个 人 猫 狗 杯 子 火 箭 咖 啡 穿 着 戴 看 向 镜 头 微 笑 正 坐 站 红 蓝 绿 白 黑 色 头 发 衣 服 什 么 哪 里 做 这 张 照 片 中 吗 不".split()
+_ZH = ("的 是 在 有 一 个 人 猫 狗 杯 子 火 箭 咖 啡 穿 着 戴 看 向 镜 头 微 笑 正 坐 站 红 蓝 绿 白 黑 色 "
+       "头 发 衣 服 什 么 哪 里 做 这 张 照 片 中 吗 不").split()
 
 
 def _corpus() -> list[str]:
@@ -83,8 +84,13 @@ def build_tokenizer():
 def build(out: Path) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, GenerationConfig)
+    from transformers import (
+        GenerationConfig,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
 
     torch.manual_seed(0)
     tok = build_tokenizer()

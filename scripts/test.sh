@@ -7,6 +7,8 @@ cd "$ROOT"
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1
 .venv/bin/python scripts/make_tiny_model.py models/tiny-qwen2-vl
+echo "[test] ruff check"
+.venv/bin/ruff check persqa_ray tests scripts
 set +e
 .venv/bin/python -m pytest -ra "$@"
 rc=$?

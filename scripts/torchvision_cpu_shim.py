@@ -22,7 +22,7 @@ class _DefineTorchvisionOps(importlib.abc.MetaPathFinder):
         global _LIB
         import torch
         try:
-            torch.ops.torchvision.nms  # real compiled ops present: nothing to do
+            _ = torch.ops.torchvision.nms  # real compiled ops present: nothing to do
         except (AttributeError, RuntimeError):
             _LIB = torch.library.Library("torchvision", "DEF")
             for op in ("nms", "qnms"):

@@ -1,9 +1,10 @@
 """`PersQAGenerate` (alias `PersQAGenerator`): DataFlow-MM's personalized image-QA operator.
 
-A thin face: the rows go through persqa_ray's own functions — `plan()` for the options,
-`normalize_row`, `build_requests`, `DecodeStage`, `GenerateStage` (validation, retries, the
-`pers_qa` text) — in this process, or through Ray Data (`build_dataset`, the same stages) for
-large inputs. No logic of the pipeline is copied here.
+A thin face: `plan()` builds the options from the same config the CLI uses, the rows are
+normalized as the read stage does (`normalize_row`), and then the pipeline's own stage list runs
+(`pipeline/stage_list.py`: items, decode, generate with validation, retries and the `pers_qa`
+text) in this process, or through Ray Data (`build_dataset`, the same list) for large inputs. No
+logic of the pipeline is copied here.
 
 What it keeps from the seed: the subject is named `<mam>`, a question comes from templates, the
 model is asked to begin with the name, many images go in one batch. What it fixes: the tag and the
@@ -25,20 +26,19 @@ import logging
 from typing import Any, Optional, Sequence
 
 from persqa_ray.compat.serving import APIVLMServing_openai, LLMServingABC, LocalModelVLMServing_vllm
-from persqa_ray.engines.base import GenerationRequest, GenerationResult, chat_messages
+from persqa_ray.engines.base import GenerationRequest, GenerationResult, SyncEngine, chat_messages
 from persqa_ray.io.readers import normalize_row, rows_to_table
 from persqa_ray.pipeline import Plan, build_dataset, plan
-from persqa_ray.stages.decode import DecodeStage
-from persqa_ray.stages.generate import GenerateStage
-from persqa_ray.stages.requests import build_requests
+from persqa_ray.pipeline.executors import in_process
+from persqa_ray.pipeline.stage_list import stage_list
 
 log = logging.getLogger(__name__)
 NO_PATH = "dataflow-storage"  # row-id source for storages that do not say which file they read
 
 
-class _ServingEngine:
+class _ServingEngine(SyncEngine):
     """Adapts a user's own LLMServingABC object to our engine protocol (no structured output:
-    answers are still validated and re-asked)."""
+    answers are still validated and re-asked; its failures stay per request)."""
 
     def __init__(self, serving: Any):
         self.serving = serving
@@ -61,12 +61,6 @@ class _ServingEngine:
         except Exception as e:  # noqa: BLE001
             return [GenerationResult(None, error=f"{type(e).__name__}: {e}") for _ in requests]
         return [GenerationResult(text=t) for t in texts]
-
-    def alive(self) -> bool:
-        return True  # the user's object: its failures stay per request
-
-    def shutdown(self) -> None:
-        pass
 
 
 _DESC = {
@@ -133,7 +127,7 @@ class PersQAGenerate:
             s = self.serving.options
             engine.update(kind="openai", model=s["model"], base_url=s["base_url"], api_key_env=s["api_key_env"],
                           max_concurrency=s["max_concurrency"], request_timeout_s=s["request_timeout_s"],
-                          max_attempts=s["max_attempts"], openai_structured=s["structured"],
+                          max_attempts=s["max_attempts"], structured=s["structured"],
                           guided_prefix=s["structured"] == "vllm", batch_size=self.serving.batch_size,
                           **{k: s[k] for k in ("max_tokens", "temperature", "top_p") if s[k] is not None})
         elif ours:
@@ -160,15 +154,9 @@ class PersQAGenerate:
     # -- the two ways to run the same stages -----------------------------------------------------
     def _local(self, p: Plan, path: str, records: list) -> list[dict]:
         table = rows_to_table([normalize_row(r, path, i, p.read) for i, r in enumerate(records)])
-        table = DecodeStage(p.decode)(build_requests(table, p.requests))
         engine = self.serving.engine if isinstance(self.serving, (LocalModelVLMServing_vllm, APIVLMServing_openai)) \
             else _ServingEngine(self.serving)
-        stage = GenerateStage(p.generate, engine=engine)
-        step = max(1, p.config.engine.batch_size)
-        out = []
-        for start in range(0, table.num_rows, step):
-            out += stage(table.slice(start, step)).to_pylist()
-        return out
+        return in_process(stage_list(p), table, replace={"generate": {"engine": engine}}).to_pylist()
 
     def _ray(self, p: Plan) -> list[dict]:
         return list(build_dataset(p.config, _plan=p).iter_rows())

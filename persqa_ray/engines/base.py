@@ -2,15 +2,24 @@
 
 The pipeline holds an `EngineSpec` (small, picklable) and builds the real engine inside the
 actor that uses it, once (Daft's provider pattern): nothing heavy crosses the wire.
+
+Life cycle: `EngineSpec.build()` is the setup (it starts the engine: vLLM's processes, an HTTP
+client); `shutdown()` the teardown. Between them both calls work on every engine: `agenerate`
+(the generate stage's, in an actor's event loop) and `generate` (the DataFlow servings').
+`SyncEngine` and `AsyncEngine` give each engine the call it does not have natively.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib
 import re
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Coroutine, Optional, Protocol, Sequence, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,11 +47,74 @@ class Engine(Protocol):
     model_name: str
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """One result per request, in the same order; per-request failures go in `error`.
-        (Engines built for in-flight batching implement `async agenerate` with the same contract.)"""
+        """One result per request, in the same order; per-request failures go in `error`."""
+
+    async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """The same contract from an event loop (the generate stage: several batches in flight)."""
+
+    def alive(self) -> bool:
+        """False once the engine is dead or hung: the stage rebuilds it (engine.max_restarts)."""
 
     def shutdown(self) -> None:
-        """Release the engine (processes, memory)."""
+        """Release the engine (processes, memory, connections). The teardown."""
+
+
+class SyncEngine:
+    """Base of engines whose native call blocks (vLLM's offline LLM, a user's serving object):
+    `agenerate` runs it in a thread, one call at a time (such engines are not thread-safe), so the
+    actor's event loop stays free."""
+
+    _lock: Optional[asyncio.Lock] = None
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        raise NotImplementedError
+
+    async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            return await asyncio.to_thread(self.generate, list(requests))
+
+    def alive(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+
+class AsyncEngine:
+    """Base of engines whose native call is a coroutine (vLLM's async engine, an HTTP client):
+    `generate` runs it on this process's background event loop (`run_sync`)."""
+
+    async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        raise NotImplementedError
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        return run_sync(self.agenerate(requests))
+
+    def alive(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+
+_LOOP: Optional[asyncio.AbstractEventLoop] = None
+_LOOP_LOCK = threading.Lock()
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine from synchronous code on one event loop per process, in a thread of its own.
+
+    One loop, because an async client's connections belong to the loop they were opened on: the
+    DataFlow face calls an engine from the operator's stage and from the serving's own methods,
+    and both must reach the same loop."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None or _LOOP.is_closed():
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, name="persqa-engine-loop", daemon=True).start()
+    return asyncio.run_coroutine_threadsafe(coro, _LOOP).result()
 
 
 def chat_messages(req: GenerationRequest, image_parts: list[dict]) -> list[dict]:
@@ -63,7 +135,7 @@ def prefix_regex(prefix: str) -> str:
 
 # kind -> "module:factory"; adding an engine is one file plus one line here.
 ENGINE_FACTORIES = {
-    "vllm": "persqa_ray.engines.vllm_engine:VLLMEngine",
+    "vllm": "persqa_ray.engines.vllm_engine:build",
     "openai": "persqa_ray.engines.openai_engine:OpenAIEngine",
     "standin": "persqa_ray.engines.standin:StandInEngine",  # benchmark instrument only
 }

@@ -18,7 +18,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from persqa_ray.engines.base import GenerationRequest, GenerationResult, chat_messages, prefix_regex
+from persqa_ray.engines.base import (
+    AsyncEngine,
+    GenerationRequest,
+    GenerationResult,
+    chat_messages,
+    prefix_regex,
+    run_sync,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +49,8 @@ def retry_after(e: Exception) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        from email.utils import parsedate_to_datetime
         import time
+        from email.utils import parsedate_to_datetime
         try:
             seconds = parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
@@ -51,11 +58,11 @@ def retry_after(e: Exception) -> float:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
-class OpenAIEngine:
+class OpenAIEngine(AsyncEngine):
     def __init__(self, model: str, *, base_url: str, api_key_env: Optional[str] = None,
                  max_concurrency: int = 8, request_timeout_s: float = 120.0, max_attempts: int = 4,
                  backoff_s: float = 0.5, max_tokens: Optional[int] = 128, temperature: Optional[float] = 0.7,
-                 top_p: Optional[float] = 0.9, structured: str = "vllm", **_ignored):
+                 top_p: Optional[float] = 0.9, structured: str = "vllm"):
         import openai
 
         self._openai = openai
@@ -71,7 +78,7 @@ class OpenAIEngine:
                          if v is not None}
         self.structured = structured
         self._sem: Optional[asyncio.Semaphore] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._sync_used = False  # generate() ran on run_sync's loop: close the client there
 
     def _retryable(self, e: Exception) -> bool:
         o = self._openai
@@ -118,22 +125,13 @@ class OpenAIEngine:
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """The same from synchronous code (the DataFlow-style API): on this engine's own event
-        loop, in a thread of its own, because the HTTP client's connections belong to one loop."""
-        import threading
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            threading.Thread(target=self._loop.run_forever, name="persqa-openai", daemon=True).start()
-        return asyncio.run_coroutine_threadsafe(self.agenerate(requests), self._loop).result()
-
-    def alive(self) -> bool:
-        return True  # a remote server is not ours to restart: failures are per request
+        """The same from synchronous code (the DataFlow servings), on the process's engine loop."""
+        self._sync_used = True
+        return super().generate(requests)
 
     def shutdown(self) -> None:
-        loop, self._loop = self._loop, None
-        if loop is not None:
+        if self._sync_used:  # the client's connections belong to that loop
             try:
-                asyncio.run_coroutine_threadsafe(self.client.close(), loop).result(timeout=10)
+                run_sync(self.client.close())
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
-            loop.call_soon_threadsafe(loop.stop)

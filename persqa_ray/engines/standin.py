@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from persqa_ray.engines.base import GenerationRequest, GenerationResult
+from persqa_ray.engines.base import AsyncEngine, GenerationRequest, GenerationResult
 
 
-class StandInEngine:
-    def __init__(self, model: str = "standin", max_tokens: int = 16, **_ignored):
+class StandInEngine(AsyncEngine):
+    def __init__(self, model: str = "standin", max_tokens: int = 16):
         self.model_name = model
         self.words = max(1, max_tokens)
 
@@ -24,14 +24,5 @@ class StandInEngine:
         return GenerationResult(text=f"{prefix} " + " ".join(["word"] * self.words),
                                 num_input_tokens=len(req.user_prompt.split()), num_output_tokens=self.words)
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return [self._answer(r) for r in requests]
-
     async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return self.generate(requests)
-
-    def alive(self) -> bool:
-        return True
-
-    def shutdown(self) -> None:
-        pass
+        return [self._answer(r) for r in requests]

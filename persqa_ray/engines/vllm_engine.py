@@ -2,8 +2,9 @@
 
 vLLM's Python API moves between releases; every call we make to it is here, and only public,
 long-lived names are used: `vllm.LLM`, `vllm.SamplingParams`, `StructuredOutputsParams`,
-`LLM.get_tokenizer`, `LLM.generate`, and for the in-flight path `AsyncEngineArgs`,
-`AsyncLLMEngine.from_engine_args`, `AsyncLLMEngine.generate`. The supported range lives in
+`LLM.get_tokenizer`, `LLM.generate` (`VLLMEngine`, one call at a time), and for the in-flight path
+`AsyncEngineArgs`, `AsyncLLMEngine.from_engine_args`, `AsyncLLMEngine.generate`
+(`AsyncVLLMEngine`). `build` picks one from the spec. The supported range lives in
 persqa_ray/versions.py.
 """
 from __future__ import annotations
@@ -18,7 +19,14 @@ import uuid
 from contextlib import contextmanager
 from typing import Any, Optional, Sequence
 
-from persqa_ray.engines.base import GenerationRequest, GenerationResult, chat_messages, prefix_regex
+from persqa_ray.engines.base import (
+    AsyncEngine,
+    GenerationRequest,
+    GenerationResult,
+    SyncEngine,
+    chat_messages,
+    prefix_regex,
+)
 from persqa_ray.versions import check_vllm
 
 log = logging.getLogger(__name__)
@@ -81,18 +89,25 @@ def _environment(settings: dict[str, str]):
             os.environ.pop(k, None)
 
 
-class VLLMEngine:
+def build(async_engine: bool = False, **options) -> "_VLLMBase":
+    """The engine a spec names: vLLM's async engine (batches in flight) or its offline LLM."""
+    return (AsyncVLLMEngine if async_engine else VLLMEngine)(**options)
+
+
+class _VLLMBase:
+    """What both vLLM engines share: start-up settings, prompts, sampling params, teardown."""
+
     def __init__(self, model: str, *, tensor_parallel_size: int = 1, max_model_len: Optional[int] = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: Optional[bool] = False,
                  max_images_per_prompt: int = 4, max_tokens: int = 128, temperature: float = 0.7,
                  top_p: float = 0.9, top_k: Optional[int] = None, repetition_penalty: float = 1.0,
                  seed: int = 0, env: Optional[dict[str, str]] = None,
-                 engine_kwargs: Optional[dict[str, Any]] = None, async_engine: bool = False,
-                 ignore_eos: bool = False, request_timeout_s: Optional[float] = None):
+                 engine_kwargs: Optional[dict[str, Any]] = None, ignore_eos: bool = False,
+                 request_timeout_s: Optional[float] = None):
         for k, v in (env or {}).items():  # before vLLM is imported: its engine process inherits them
             os.environ.setdefault(k, str(v))
         self.version = check_vllm()
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
         from vllm.platforms import current_platform
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -106,7 +121,6 @@ class VLLMEngine:
         self._StructuredOutputsParams = StructuredOutputsParams
         self.model_name = model
         self.request_timeout_s = request_timeout_s
-        self.hung = False  # a request outlived its timeout: the engine is taken for dead
         self.sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              repetition_penalty=repetition_penalty, ignore_eos=ignore_eos)
         if top_k is not None:
@@ -117,24 +131,20 @@ class VLLMEngine:
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(engine_kwargs or {})
-        self.llm = self.async_llm = None
         self._children_before = _child_pids()  # the engine's processes are the ones started after
         with _spawn_without_user_main(), _environment(self.cpu_settings):
-            if async_engine:
-                # The async engine takes requests as they come and keeps several batches in flight,
-                # so one batch's image preprocessing overlaps another's GPU work.
-                from vllm import AsyncEngineArgs, AsyncLLMEngine
-                self.async_llm = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
-            else:
-                self.llm = LLM(**kwargs)
+            self._start(kwargs)
         self.tokenizer = self._load_tokenizer(model)
         # vLLM's CPU backend kills its engine process when a request with its own seed is partly
         # prefilled ("CPU Generator does not use offset": the rewind in _bookkeeping_sync assumes
         # CUDA's Philox generator). On CPU, requests use the engine's seed only.
         self.per_request_seeds = not current_platform.is_cpu()
 
+    def _start(self, kwargs: dict) -> None:
+        raise NotImplementedError
+
     def _load_tokenizer(self, model: str):
-        tok = (self.llm or self.async_llm).get_tokenizer()
+        tok = self._engine().get_tokenizer()
         if inspect.isawaitable(tok):  # some vLLM releases made it async: use the HF tokenizer itself
             tok.close()
             from transformers import AutoTokenizer
@@ -165,12 +175,47 @@ class VLLMEngine:
             item["multi_modal_data"] = {"image": list(req.images)}
         return item
 
-    # -- generation --------------------------------------------------------------------------
+    @staticmethod
+    def _result(o, latency: float) -> GenerationResult:
+        c = o.outputs[0]
+        return GenerationResult(text=c.text, num_input_tokens=len(o.prompt_token_ids or []),
+                                num_output_tokens=len(c.token_ids or []), latency_s=latency)
+
+    def _engine(self):
+        raise NotImplementedError
+
+    def _stop(self, engine) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        engine = self._engine()
+        if engine is None:
+            return
+        # Every engine process, taken before any is signalled: once EngineCore exits its worker is
+        # re-parented and no longer shows among this process's children, but must still be waited for.
+        engine_procs = _engine_processes(getattr(self, "_children_before", set()))
+        try:
+            self._stop(engine)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            log.debug("engine shutdown raised", exc_info=True)
+        _wait_for_exit(engine_procs)
+
+
+class VLLMEngine(_VLLMBase, SyncEngine):
+    """vLLM's offline `LLM`: one batch at a time (`generate`; `agenerate` runs it in a thread)."""
+
+    llm = None
+
+    def _start(self, kwargs: dict) -> None:
+        from vllm import LLM
+        self.llm = LLM(**kwargs)
+
+    def _engine(self):
+        return self.llm
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         if not requests:
             return []
-        if self.llm is None:
-            raise RuntimeError("this engine was built with async_engine=True: use agenerate()")
         started = time.perf_counter()
         try:
             outs = self.llm.generate([self._inputs(r) for r in requests],
@@ -185,10 +230,34 @@ class VLLMEngine:
             log.warning("batch of %d failed (%s); retrying one by one", len(requests), e)
             return [self.generate([r])[0] for r in requests]
 
+    def alive(self) -> bool:
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        return not getattr(getattr(core, "resources", None), "engine_dead", False)
+
+    def _stop(self, llm) -> None:
+        self.llm = None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+
+class AsyncVLLMEngine(_VLLMBase, AsyncEngine):
+    """vLLM's async engine: requests are submitted as they come and several batches stay in flight,
+    so one batch's image preprocessing overlaps another's generation. A request past
+    `request_timeout_s` marks the engine hung (`alive()` False): the stage rebuilds it."""
+
+    async_llm = None
+    hung = False
+
+    def _start(self, kwargs: dict) -> None:
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+        self.async_llm = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
+
+    def _engine(self):
+        return self.async_llm
+
     async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Submit every request at once; each finishes on its own (no batch-wide failure)."""
-        if self.async_llm is None:
-            raise RuntimeError("this engine was built with async_engine=False: use generate()")
         return list(await asyncio.gather(*(self._agenerate_one(r) for r in requests)))
 
     async def _agenerate_one(self, req: GenerationRequest) -> GenerationResult:
@@ -218,42 +287,13 @@ class VLLMEngine:
             return GenerationResult(None, error="engine returned no output")
         return self._result(final, time.perf_counter() - started)
 
-    @staticmethod
-    def _result(o, latency: float) -> GenerationResult:
-        c = o.outputs[0]
-        return GenerationResult(text=c.text, num_input_tokens=len(o.prompt_token_ids or []),
-                                num_output_tokens=len(c.token_ids or []), latency_s=latency)
-
     def alive(self) -> bool:
-        if self.hung:
-            return False
-        if self.async_llm is not None:
-            return not self.async_llm.errored
-        engine = getattr(self.llm, "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
-        resources = getattr(core, "resources", None)
-        return not getattr(resources, "engine_dead", False)
+        return not self.hung and not self.async_llm.errored
 
-    def shutdown(self) -> None:
-        llm, self.llm = getattr(self, "llm", None), None
-        allm, self.async_llm = getattr(self, "async_llm", None), None
-        if llm is None and allm is None:
-            return
-        # Every engine process, taken before any is signalled: once EngineCore exits its worker is
-        # re-parented and no longer shows among this process's children, but must still be waited for.
-        engine_procs = _engine_processes(getattr(self, "_children_before", set()))
-        try:
-            if allm is not None:
-                _stop_output_handler(allm)
-                allm.shutdown()
-            if llm is not None:
-                engine = getattr(llm, "llm_engine", None)
-                core = getattr(engine, "engine_core", None)
-                if core is not None and hasattr(core, "shutdown"):
-                    core.shutdown()
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            log.debug("engine shutdown raised", exc_info=True)
-        _wait_for_exit(engine_procs)
+    def _stop(self, allm) -> None:
+        self.async_llm = None
+        _stop_output_handler(allm)
+        allm.shutdown()
 
 
 def _stop_output_handler(allm, timeout_s: float = 5.0) -> None:
@@ -289,8 +329,9 @@ def _engine_processes(before: set[int]) -> list:
     """The engine's processes (EngineCore and its workers): this process's descendants started
     after `before` was taken, except multiprocessing's resource tracker (ours, not the engine's)."""
     try:
-        import psutil
         from multiprocessing import resource_tracker
+
+        import psutil
         tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
         return [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.pid != tracker]
     except Exception:  # noqa: BLE001 - psutil missing: nothing to wait for

@@ -30,7 +30,7 @@ MARKER_KEY = "persqa_ray_output"
 # engine.kind decides how the tag is forced (in-process vLLM vs a server); engine.base_url does not
 # (a server that moved must not block a retry), so it is not part of the identity.
 RUN_IDENTITY_FIELDS = ("prompt", "engine.kind", "engine.model", "engine.max_tokens", "engine.temperature",
-                       "engine.top_p", "engine.guided_prefix", "engine.openai_structured",
+                       "engine.top_p", "engine.guided_prefix", "engine.structured",
                        "output.pers_qa_format", "output.partition_by", "input.image_column", "input.id_column",
                        "input.concept_column", "input.subject_type_column")
 _OUR_DATA_FILE = re.compile(r"^\.?part-[0-9a-f]+-[0-9a-f]+-\d+\.parquet(\.tmp)?$")
@@ -48,7 +48,7 @@ def run_identity(cfg) -> dict:
     for name in RUN_IDENTITY_FIELDS:
         node = dumped
         for k in name.split("."):
-            node = node[k]
+            node = node.get(k) if isinstance(node, dict) else None  # a field of another engine kind: None
         ident[name] = node
     return ident
 
@@ -136,7 +136,7 @@ def clear_output(fs, root: str) -> list[str]:
             foreign.append(path)
     # Empty directories left behind (partition directories, _commits/…), deepest first.
     if not is_url(root):
-        for dirpath, dirnames, filenames in sorted(os.walk(root), key=lambda x: -len(x[0])):
+        for dirpath, _, _ in sorted(os.walk(root), key=lambda x: -len(x[0])):
             if dirpath != root and not os.listdir(dirpath):
                 os.rmdir(dirpath)
     if foreign:

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from persqa_ray import schema
+from persqa_ray.io.duplicate_ids import load_duplicate_positions
 from persqa_ray.io.filesystems import filesystem, parent_of
 from persqa_ray.io.image_refs import RefError, as_ref_list, resolve
-from persqa_ray.io.duplicate_ids import load_duplicate_positions
 from persqa_ray.io.resume import ResumeOptions, ShardState, load_shard_state, retry_owner
 from persqa_ray.io.row_ids import given_row_id, positional_row_id
 
@@ -38,6 +38,13 @@ class ReadOptions:
     dups_dir: Optional[str] = None     # id_column: the duplicate-id pre-pass results (io/duplicate_ids.py)
     output_storage_options: dict[str, Any] = field(default_factory=dict)
     max_record_bytes: int = 16 * 2**20  # a longer JSONL line is a bad_record row, never read whole
+
+    @classmethod
+    def from_config(cls, cfg, cwd: str) -> "ReadOptions":
+        i = cfg.input
+        return cls(image_column=i.image_column, id_column=i.id_column, paths_relative_to=i.paths_relative_to,
+                   cwd=cwd, storage_options=dict(i.storage_options), block_rows=i.block_rows,
+                   max_record_bytes=i.max_record_bytes)
 
 
 def normalize_row(record: Any, shard: str, position: int, opts: ReadOptions) -> dict[str, Any]:

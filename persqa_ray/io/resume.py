@@ -15,8 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from persqa_ray.io.commits import (output_root, merge_ranges, ranges_len, read_json, record_files_present,
-                                   shard_dir)
+from persqa_ray.io.commits import merge_ranges, output_root, ranges_len, read_json, record_files_present, shard_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,8 @@ def load_shard_state(shard: str, opts: ResumeOptions) -> ShardState:
     if not fs.exists(sdir):
         return ShardState()
     names = sorted(fs.ls(sdir, detail=False))
-    records = {os.path.basename(p)[:-5]: p for p in names if p.endswith(".json") and not os.path.basename(p).startswith(".")}
+    records = {os.path.basename(p)[:-5]: p for p in names
+               if p.endswith(".json") and not os.path.basename(p).startswith(".")}
     state = ShardState()
     for path in names:
         base = os.path.basename(path)

@@ -11,8 +11,16 @@ from typing import Any, Optional
 
 from persqa_ray import schema
 from persqa_ray.config import OutputConfig
-from persqa_ray.io.commits import add_counts, merge_ranges, output_root, ranges_len, shard_dirs
-from persqa_ray.io.commits import read_json, record_files_present, RECORD_VERSION
+from persqa_ray.io.commits import (
+    RECORD_VERSION,
+    add_counts,
+    merge_ranges,
+    output_root,
+    ranges_len,
+    read_json,
+    record_files_present,
+    shard_dirs,
+)
 from persqa_ray.io.filesystems import is_url
 from persqa_ray.io.outputs import SUMMARY_FILE
 

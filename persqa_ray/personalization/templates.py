@@ -69,14 +69,6 @@ class TemplateSet:
                 out.setdefault(t.family, []).append(t)
         return out
 
-    def counts(self) -> dict[str, int]:
-        """Templates per family (recognition included): what the closing notes report."""
-        out: dict[str, int] = {}
-        for t in self.templates:
-            out[t.family] = out.get(t.family, 0) + 1
-        out["recognition"] = len(self.recognition.templates)
-        return out
-
 
 class TemplateError(ValueError):
     pass

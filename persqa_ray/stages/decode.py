@@ -10,8 +10,7 @@ import io
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
-
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +18,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from persqa_ray import schema
 from persqa_ray.io.filesystems import filesystem, is_url, normalize_url, scheme_of, under_root
+from persqa_ray.stages.base import Stage
+
+if TYPE_CHECKING:
+    from persqa_ray.pipeline.plan import Plan
 
 # EXIF orientations that swap width and height.
 _TRANSPOSED = {5, 6, 7, 8}
@@ -37,6 +40,21 @@ class DecodeOptions:
     allowed_schemes: tuple[str, ...]
     storage_options: dict
     formats: tuple[str, ...] = schema.IMAGE_FORMATS
+
+    @classmethod
+    def from_config(cls, cfg, roots: tuple[str, ...]) -> "DecodeOptions":
+        i = cfg.image
+        return cls(max_pixels=i.max_pixels, min_pixels=i.min_pixels, factor=i.resize_factor,
+                   max_aspect_ratio=i.max_aspect_ratio, max_decode_pixels=i.max_decode_pixels,
+                   max_image_bytes=cfg.input.max_image_bytes, max_images=cfg.engine.max_images_per_prompt,
+                   allowed_roots=tuple(roots), allowed_schemes=tuple(s.lower() for s in cfg.input.allowed_schemes),
+                   storage_options=dict(cfg.input.storage_options), formats=tuple(f.upper() for f in i.formats))
+
+    def limits(self) -> dict:
+        """What the report needs to open images as this run did (recorded in _run.json)."""
+        return {"allowed_roots": list(self.allowed_roots), "allowed_schemes": list(self.allowed_schemes),
+                "max_image_bytes": self.max_image_bytes, "max_decode_pixels": self.max_decode_pixels,
+                "formats": list(self.formats)}
 
 
 class ImageFailure(Exception):
@@ -253,3 +271,10 @@ class DecodeStage:
         batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
         return (batch.append_column(schema.PIXELS, pa.array(all_pixels, pa.list_(pa.large_binary())))
                 .append_column(schema.SHAPES, pa.array(all_shapes, pa.list_(pa.list_(pa.int32())))))
+
+
+def decode_stage(p: "Plan", stats: Any = None) -> Stage:
+    i = p.config.image
+    return Stage("decode", DecodeStage, {"opts": p.decode, "stats": stats}, needs=("image", "status", "error"),
+                 adds=(schema.PIXELS, schema.SHAPES), batch_size=i.batch_size, pool=i.concurrency,
+                 num_cpus=i.num_cpus, resources=dict(i.resources))

@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 from PIL import Image
+from skimage import data
 
 from tests.conftest import clean_env
-from skimage import data
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,14 @@ import pandas as pd
 import pytest
 
 import persqa_ray
-from persqa_ray.compat import (DataFlowStorage, FileStorage, LLMServingABC, LocalModelVLMServing_vllm, PersQAGenerate,
-                               PersQAGenerator)
+from persqa_ray.compat import (
+    DataFlowStorage,
+    FileStorage,
+    LLMServingABC,
+    LocalModelVLMServing_vllm,
+    PersQAGenerate,
+    PersQAGenerator,
+)
 from tests.compat.test_dataflow_examples import make_workdir
 from tests.e2e.helpers import run_cli, write_config
 

@@ -24,7 +24,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 480, env: dict | None =
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"CLI timed out after {timeout}s\n{out[-3000:]}\n{err[-3000:]}")
+        raise AssertionError(f"CLI timed out after {timeout}s\n{out[-3000:]}\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

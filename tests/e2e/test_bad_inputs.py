@@ -107,6 +107,7 @@ def test_report_shows_only_images_the_run_decoded(catalog_run, tmp_path):
     decoded = [r for r in rows if r["status"] in ("ok", "invalid_output", "engine_error")]
     shown = re.findall(r"data-shown='1' alt='([^']*)'", text)
     assert len(shown) == len(decoded) and text.count("data-shown='0'") == len(rows) - len(decoded)
-    private = [a for a in re.findall(r"data-shown='(\d)' alt='([^']*)'", text) if "private" in a[1] or "link_out" in a[1]]
+    private = [a for a in re.findall(r"data-shown='(\d)' alt='([^']*)'", text)
+               if "private" in a[1] or "link_out" in a[1]]
     assert len(private) == 2 and all(flag == "0" for flag, _ in private)
     assert "<svg onload" not in text and "&lt;svg onload=alert(1)&gt;.png" in text

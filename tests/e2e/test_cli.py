@@ -138,6 +138,7 @@ def test_minimal_config_as_a_user_types_it(tmp_path, demo_data, tiny_model):
     import subprocess
     import sys
     import time
+
     from tests.conftest import clean_env
     cfg = tmp_path / "minimal.yaml"
     cfg.write_text(f"input: {{path: {demo_data[0]}}}\nengine: {{model: {tiny_model}}}\noutput: {{path: out}}\n")

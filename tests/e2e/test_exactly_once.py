@@ -11,7 +11,15 @@ import pytest
 
 import persqa_ray
 from tests.conftest import demo_config
-from tests.e2e.helpers import cli_running, engine_processes, pids_of, run_cli, summary_of, wait_for_commits, write_config
+from tests.e2e.helpers import (
+    cli_running,
+    engine_processes,
+    pids_of,
+    run_cli,
+    summary_of,
+    wait_for_commits,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 

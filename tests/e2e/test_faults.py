@@ -42,9 +42,9 @@ def test_killed_decode_and_generate_actors(tmp_path, tiny_model):
     with cli_running(["run", str(cfg_path), "--quiet"], tmp_path) as proc:
         kill_and_see_replacement("MapBatches(DecodeStage)")  # while it decodes, before any answer
         wait_for_commits(proc, out, 2)
-        kill_and_see_replacement("MapBatches(AsyncGenerateStage)")  # with its vLLM engine, mid-generation
+        kill_and_see_replacement("MapBatches(GenerateStage)")  # with its vLLM engine, mid-generation
         stdout, stderr = proc.communicate(timeout=400)
-    assert killed == replaced == ["MapBatches(DecodeStage)", "MapBatches(AsyncGenerateStage)"]
+    assert killed == replaced == ["MapBatches(DecodeStage)", "MapBatches(GenerateStage)"]
     assert proc.returncode == 0, stderr[-4000:]
     s = summary_of(out)
     assert s["rows_in"] == manifest["rows"] == s["rows_ok"] + s["rows_error"]
@@ -151,6 +151,7 @@ def test_killed_read_task_is_retried_with_the_same_ids(tmp_path, tiny_model):
     retried rows are the same rows (no duplicates, none lost); with input.id_column no row is
     falsely flagged as a duplicate of itself."""
     import json
+
     import make_demo_data
     data = tmp_path / "data"
     make_demo_data.make(data, rows=4)

@@ -1,6 +1,6 @@
 """The notebook API in-process: build_dataset is lazy, take() works, k QA rows per image."""
-import ray
 import pytest
+import ray
 
 import persqa_ray
 from tests.conftest import demo_config
@@ -40,7 +40,9 @@ def test_readme_notebook_snippet_as_written(tmp_path, tiny_model, repo_root):
     import shutil
     import subprocess
     import sys
+
     import make_demo_data
+
     from tests.compat.test_dataflow_examples import readme_block
     from tests.conftest import clean_env
     shutil.copytree(repo_root / "configs", tmp_path / "configs")

@@ -1,14 +1,21 @@
 """Crash and resume: SIGKILL the CLI's whole process group mid-run (twice, at different points),
 rerun, and get every row exactly once; then a rebuild over a grown input does only the new rows."""
 import json
-import os
 import time
 
 import pytest
 
 import persqa_ray
 from tests.conftest import demo_config
-from tests.e2e.helpers import cli_running, commit_records, engine_processes, run_cli, summary_of, wait_for_commits, write_config
+from tests.e2e.helpers import (
+    cli_running,
+    commit_records,
+    engine_processes,
+    run_cli,
+    summary_of,
+    wait_for_commits,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 

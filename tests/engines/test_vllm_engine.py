@@ -2,11 +2,10 @@
 import re
 
 import numpy as np
-from skimage import data
 from PIL import Image
+from skimage import data
 
-from persqa_ray.engines.base import GenerationRequest
-from persqa_ray.engines.base import prefix_regex
+from persqa_ray.engines.base import GenerationRequest, prefix_regex
 
 
 def img(arr, size=(224, 168)):

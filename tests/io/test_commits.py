@@ -13,12 +13,11 @@ from persqa_ray import schema
 from persqa_ray.config import ConfigError
 from persqa_ray.io.commits import WriteOptions, merge_ranges, shard_dir, to_ranges, write_committed
 from persqa_ray.io.dataset import read_output
-from persqa_ray.io.filesystems import list_shards
+from persqa_ray.io.filesystems import filesystem, list_shards
 from persqa_ray.io.lease import Lease, LeaseHeld
 from persqa_ray.io.outputs import check_output_location, clear_output, write_run_file
 from persqa_ray.io.resume import ResumeOptions, load_shard_state
 from persqa_ray.io.summary import fold_records
-from persqa_ray.io.filesystems import filesystem
 
 
 def block(shard: str, positions, status="ok", concept="001", replaces=None) -> pa.Table:
@@ -239,7 +238,7 @@ def test_a_second_retry_replaces_the_first_retrys_rows(tmp_path):
     shard = "/d/a.jsonl"
     write_committed(pa.concat_tables([block(shard, range(0, 2)), block(shard, range(2, 4), status="engine_error")]),
                     opts(out))
-    for attempt, status in enumerate(("engine_error", "ok")):
+    for status in ("engine_error", "ok"):
         state = load_shard_state(shard, ResumeOptions(str(out), {}, ("engine_error",)))
         assert state.done == [[0, 2]] and len(state.retry) == 1
         (owner, redo), = state.retry.items()

@@ -99,8 +99,9 @@ def test_list_shards_dir_glob_list(tmp_path):
 
 def test_columns_that_appear_in_later_rows_are_kept(tmp_path):
     shard = tmp_path / "a.jsonl"
-    shard.write_text(json.dumps({"image": "a.jpg"}) + "\n" + json.dumps({"image": "b.jpg", "caption": "late"}) + "\n"
-                     + json.dumps({"image": "c.jpg", "n": 1}) + "\n" + json.dumps({"image": "d.jpg", "n": "two"}) + "\n")
+    records = [{"image": "a.jpg"}, {"image": "b.jpg", "caption": "late"}, {"image": "c.jpg", "n": 1},
+               {"image": "d.jpg", "n": "two"}]
+    shard.write_text("".join(json.dumps(r) + "\n" for r in records))
     table = next(read_shard(str(shard), "jsonl", opts()))
     rows = table.to_pylist()
     assert [r["caption"] for r in rows] == [None, "late", None, None]

@@ -135,7 +135,8 @@ def _decode_in_subprocess(path, root, cap_gib):
     """Decode one image in a fresh process under an address-space cap (the decode actor's memory)."""
     import subprocess
     import sys
-    code = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({int(cap_gib * 2**30)}, {int(cap_gib * 2**30)}))\n"
+    cap = int(cap_gib * 2**30)
+    code = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))\n"
             "from persqa_ray.stages.decode import DecodeOptions, ImageDecoder\n"
             f"o = DecodeOptions(max_pixels=1003520, min_pixels=3136, factor=28, max_aspect_ratio=150.0, "
             f"max_decode_pixels=100_000_000, max_image_bytes=64 * 2**20, max_images=4, allowed_roots=({str(root)!r},), "
@@ -187,6 +188,7 @@ def test_url_references_are_held_to_url_roots():
     request; one under the root is fetched (moto_server on 127.0.0.1)."""
     import io as _io
     import os
+
     from tests.e2e.cluster import S3Server
     s3 = S3Server()
     saved = {k: os.environ.get(k) for k in s3.env}

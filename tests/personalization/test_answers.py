@@ -1,6 +1,6 @@
 import pytest
 
-from persqa_ray.stages.validate import check_answer, format_pers_qa, substitute_phrase
+from persqa_ray.personalization.answers import check_answer, format_pers_qa, substitute_phrase
 
 
 @pytest.mark.parametrize("text, ok", [

@@ -1,14 +1,19 @@
-"""Validate model answers and format the seed's `pers_qa` text.
+"""The answer policy: which model answers are kept, and the seed's `pers_qa` text.
 
-Pure functions: the generate stage calls them right after each engine call, because a failing
-answer is re-asked (new seed) on the same engine before the row is written. An answer passes
-when it starts with the tag, says something after it, is not a refusal, does not call the subject
-by its class phrase instead of the tag, and is not just the question said back.
+An answer passes when it starts with the tag, says something after it, is not a refusal, does not
+call the subject by its class phrase instead of the tag, and is not just the question said back.
+With MyVLM's substitution the model answered about the class phrase: every mention of it becomes
+the tag first, then the same checks apply. Pure functions; the generate stage calls
+`accept_answer` right after each engine call, because a failing answer is re-asked (new seed) on
+the same engine before the row is written.
 """
 from __future__ import annotations
 
 import re
 from typing import Optional
+
+from persqa_ray.engines.base import GenerationRequest
+from persqa_ray.personalization.options import PersonalizationOptions
 
 _WORD = re.compile(r"\w", re.UNICODE)
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
@@ -56,6 +61,28 @@ def substitute_phrase(text: Optional[str], phrase: str, tag: str) -> Optional[st
     if text is None:
         return None
     return re.sub(re.escape(phrase), lambda _: tag, text.strip(), flags=re.IGNORECASE)
+
+
+def accept_answer(opts: PersonalizationOptions, item: dict, text: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """The policy for one open item's answer: (answer, None) to keep, (None, reason) to re-ask."""
+    if opts.substitute:
+        return check_answer(substitute_phrase(text, item["phrase"], item["tag"]), item["tag"],
+                            question=item["question"])
+    return check_answer(text, item["tag"], question=item["question"], class_phrase=item["phrase"])
+
+
+def check_request(opts: PersonalizationOptions, item: dict, images: list, seed: int) -> GenerationRequest:
+    """recognition_check: the item's Yes/No question to the VLM, its answer one of two labels."""
+    labels = opts.templates().recognition.check_labels
+    return GenerationRequest(system_prompt=item["system"], user_prompt=item["check"], images=images,
+                             choices=(labels["yes"], labels["no"]), seed=seed)
+
+
+def check_label(opts: PersonalizationOptions, text: Optional[str]) -> Optional[str]:
+    """'yes' / 'no' for the VLM's answer to a recognition check (None: neither)."""
+    got = (text or "").strip().lower()
+    labels = opts.templates().recognition.check_labels
+    return next((k for k, v in labels.items() if got == v.lower()), None)
 
 
 def format_pers_qa(fmt: str, question: str, answer: str) -> str:

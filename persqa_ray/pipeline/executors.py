@@ -1,0 +1,54 @@
+"""The two executors of a stage list: Ray Data (runs, notebooks) and this process (the DataFlow
+face's small inputs, with an engine it already holds)."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from persqa_ray.engines.base import run_sync
+from persqa_ray.io.filesystems import Shard
+from persqa_ray.stages.base import Stage
+
+
+def shard_dataset(shards: Sequence[Shard]):
+    """The shard list as a Ray Dataset: one block per shard, so each shard is one read task."""
+    import ray
+    items = [{"shard": s.path, "format": s.format} for s in shards]
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+
+
+def on_ray(stages: Sequence[Stage], shards: Sequence[Shard]):
+    """The stages over the shards as one lazy Ray Dataset (nothing runs until it is consumed)."""
+    ds = shard_dataset(shards)
+    for st in stages:
+        ds = st.apply(ds)
+    return ds
+
+
+def in_process(stages: Sequence[Stage], table: pa.Table, replace: Optional[dict[str, dict]] = None) -> pa.Table:
+    """Run the in-process stages over a table, batch by batch, here. `replace`: constructor
+    arguments to override per stage (the DataFlow face hands the generate stage its engine).
+    Async stages run on the process's engine loop (engines/base.run_sync), the loop the face's
+    engine already serves from."""
+    for st in stages:
+        if not st.in_process or st.udf is None:
+            continue
+        kwargs = {**st.kwargs, **(replace or {}).get(st.name, {})}
+        call = st.udf(**kwargs) if st.is_class else (lambda batch, _f=st.udf, _k=kwargs: _f(batch, **_k))
+        step = st.batch_size or max(1, table.num_rows)
+        parts = []
+        for start in range(0, max(1, table.num_rows), step):
+            out = call(table.slice(start, step))
+            parts.append(run_sync(out) if inspect.isawaitable(out) else out)
+        table = pa.concat_tables(parts, promote_options="permissive") if parts else table
+        del call  # a class stage's teardown (__del__) runs now, not at some later collection
+    return table
+
+
+def drive(ds: Any) -> int:
+    """Consume a dataset whose blocks are counts (the write stage's): the driver sees only those."""
+    return sum(int(pc.sum(b.column("rows")).as_py() or 0)
+               for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
