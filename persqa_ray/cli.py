@@ -29,9 +29,10 @@ def _parser() -> argparse.ArgumentParser:
                            "requests (templates, prompts) without starting Ray or an engine")
         else:
             s.add_argument("--explain", action="store_true", help="list every config field with its description")
-    e = sub.add_parser("export", help="write training files (LLaVA, ShareGPT, JSONL) from an output")
+    e = sub.add_parser("export", help="write training files (LLaVA, ShareGPT, JSONL, RAP) from an output")
     e.add_argument("output", help="output directory or URL of a run")
-    e.add_argument("--format", required=True, choices=["llava", "sharegpt", "jsonl"])
+    e.add_argument("--format", required=True, choices=["llava", "sharegpt", "jsonl", "rap"],
+                   help="rap: LLaVA conversations plus RAP's concept database (database.json beside --out)")
     e.add_argument("--out", required=True, help="file to write (local or URL); with --split, NAME.train.EXT "
                    "and NAME.test.EXT")
     e.add_argument("--split", help="concept:FRACTION, e.g. concept:0.8 (no concept on both sides)")
@@ -61,7 +62,7 @@ def _report(args) -> int:
         print(f"persqa-ray report: {e}", file=sys.stderr)
         return 2
     print(f"{result['path']}: {result['rows']} output rows, {result['sampled']} sampled rows, "
-          f"{result['real_images']} with their image")
+          f"{result['real_images']} images shown (reference images included)")
     return 0
 
 
@@ -118,10 +119,11 @@ def _export(args) -> int:
         print(f"persqa-ray export: {e}", file=sys.stderr)
         return 2
     for path, n in result["files"].items():
-        print(f"{path}: {n} records")
+        print(f"{path}: {n} {'concepts' if path == result.get('database') else 'records'}")
     if "train_concepts" in result:
         print(f"train concepts {len(result['train_concepts'])}, test concepts {len(result['test_concepts'])}, "
-              f"cross-split 'No' pairs dropped {result['cross_split_pairs_dropped']}")
+              f"dropped at the split (a 'No' pair or multi-concept row across sides) "
+              f"{result['cross_split_pairs_dropped']}")
     return 0
 
 

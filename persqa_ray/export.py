@@ -2,13 +2,18 @@
 
 Formats:
 - llava: a JSON list of {id, image, conversations: [{from: human|gpt, value}]}, one conversation
-  per image with all its QA pairs as turns; the first human turn starts with "<image>\\n".
+  per input row with all its QA pairs as turns; the first human turn carries one "<image>\\n" per
+  image: the reference images first, each followed by its caption ("This is <chelsea>."), then the
+  query image(s). A text-only conversation (qa_type text) has no image and no "<image>".
 - sharegpt: a JSON list of {id, messages: [{role: user|assistant, content}], images} (the
-  multimodal ShareGPT layout LLaMA-Factory reads; one "<image>" per image in the first turn).
+  multimodal ShareGPT layout LLaMA-Factory reads), images in the same order.
 - jsonl: one QA pair per line with its concept, type, label and template.
+- rap: the LLaVA conversations, and beside them RAP's concept database (database.json:
+  concept_dict keyed by tag with name, image, info, category; path_to_concept for every reference
+  image), from the run's registry (_concepts.json) and its text-only answers.
 A split (`concept:0.8`) puts whole concepts on one side: no concept's images or tag appear in both
-files. A "No" recognition pair joins its image's side only when the concept it asks about is on
-the same side; otherwise it is dropped (and counted).
+files. A multi-concept row whose concepts fall on both sides is dropped (and counted), and so is a
+"No" recognition pair that asks about a concept of the other side.
 """
 from __future__ import annotations
 
@@ -22,10 +27,12 @@ import pyarrow.compute as pc
 from persqa_ray import schema
 from persqa_ray.io.dataset import iter_output
 from persqa_ray.io.filesystems import filesystem, is_url
+from persqa_ray.io.outputs import read_concepts
 
-FORMATS = ("llava", "sharegpt", "jsonl")
-_JSONL_FIELDS = ("row_id", "qa_index", "image", "qa_type", "concept", "tag", "image_concept", "subject_type",
-                 "label", "question", "answer", "pers_qa", "template_id", "language")
+FORMATS = ("llava", "sharegpt", "jsonl", "rap")
+_JSONL_FIELDS = ("row_id", "qa_index", "image", "qa_type", "concept", "tag", "image_concept", "image_concepts",
+                 "reference_images", "subject_type", "label", "negative_kind", "question", "answer", "pers_qa",
+                 "template_id", "language")
 
 
 class ExportError(ValueError):
@@ -63,13 +70,32 @@ def ok_rows(output: str, storage_options: Optional[dict] = None) -> list[dict]:
     return rows
 
 
-def _image_refs(row: dict, image_root: Optional[str]) -> list[str]:
-    refs = list(row.get("image") or [])
-    if image_root:
-        root = os.path.abspath(image_root)
-        refs = [os.path.relpath(r, root) if not is_url(r) and os.path.abspath(r).startswith(root + os.sep) else r
-                for r in refs]
-    return refs
+def _relative(refs: list[str], image_root: Optional[str]) -> list[str]:
+    if not image_root:
+        return list(refs)
+    root = os.path.abspath(image_root)
+    return [os.path.relpath(r, root) if not is_url(r) and os.path.abspath(r).startswith(root + os.sep) else r
+            for r in refs]
+
+
+class Images:
+    """A conversation's images and the text that introduces them: reference images (each with its
+    caption, in the row's language, naming the concept it shows) then the query images; none for a
+    text-only row."""
+
+    def __init__(self, concepts: list[dict], image_root: Optional[str]):
+        self.tag_of = {ref: c["tag"] for c in concepts for ref in c.get("reference_images") or []}
+        self.image_root = image_root
+
+    def of(self, row: dict) -> tuple[list[str], list[str]]:
+        """(paths, captions): one caption per reference image ('' for a query image)."""
+        if row.get("qa_type") == "text":
+            return [], []
+        from persqa_ray.personalization.templates import load_templates
+        refs, query = list(row.get("reference_images") or []), list(row.get("image") or [])
+        caption = load_templates(row.get("language") or "en").reference_caption if refs else ""
+        captions = [caption.replace("{tag}", self.tag_of.get(r, row["tag"].split()[0])) for r in refs]
+        return _relative(refs + query, self.image_root), captions + [""] * len(query)
 
 
 def _conversations(rows: list[dict]) -> dict[str, list[dict]]:
@@ -79,33 +105,39 @@ def _conversations(rows: list[dict]) -> dict[str, list[dict]]:
     return by_image
 
 
-def _dialogue(qas: list[dict], n_images: int, image_token: str) -> list[tuple[str, str]]:
-    """(question, answer) turns of one image; the first question carries the image tokens."""
-    return [((image_token * n_images if i == 0 else "") + qa["question"], qa["answer"]) for i, qa in enumerate(qas)]
+def _dialogue(qas: list[dict], captions: list[str], image_token: str) -> list[tuple[str, str]]:
+    """(question, answer) turns of one conversation; the first question carries the image tokens
+    (each reference image followed by its caption)."""
+    intro = "".join(image_token + (f"{c}\n" if c else "") for c in captions)
+    return [((intro if i == 0 else "") + qa["question"], qa["answer"]) for i, qa in enumerate(qas)]
 
 
-def to_llava(rows: list[dict], image_root: Optional[str] = None) -> list[dict]:
+def to_llava(rows: list[dict], images: Images) -> list[dict]:
     out = []
     for row_id, qas in _conversations(rows).items():
-        images = _image_refs(qas[0], image_root)
-        turns = [t for q, a in _dialogue(qas, len(images), "<image>\n")
+        paths, captions = images.of(qas[0])
+        turns = [t for q, a in _dialogue(qas, captions, "<image>\n")
                  for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
-        out.append({"id": row_id, "image": images[0] if len(images) == 1 else images, "conversations": turns})
+        record = {"id": row_id, "conversations": turns}
+        if paths:
+            record["image"] = paths[0] if len(paths) == 1 else paths
+        out.append(record)
     return out
 
 
-def to_sharegpt(rows: list[dict], image_root: Optional[str] = None) -> list[dict]:
+def to_sharegpt(rows: list[dict], images: Images) -> list[dict]:
     out = []
     for row_id, qas in _conversations(rows).items():
-        images = _image_refs(qas[0], image_root)
-        messages = [m for q, a in _dialogue(qas, len(images), "<image>")
+        paths, captions = images.of(qas[0])
+        messages = [m for q, a in _dialogue(qas, captions, "<image>")
                     for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-        out.append({"id": row_id, "messages": messages, "images": images})
+        out.append({"id": row_id, "messages": messages, "images": paths})
     return out
 
 
-def to_jsonl(rows: list[dict], image_root: Optional[str] = None) -> list[dict]:
-    return [{**{k: r.get(k) for k in _JSONL_FIELDS}, "image": _image_refs(r, image_root)} for r in rows]
+def to_jsonl(rows: list[dict], images: Images) -> list[dict]:
+    return [{**{k: r.get(k) for k in _JSONL_FIELDS}, "image": _relative(r.get("image") or [], images.image_root),
+             "reference_images": _relative(r.get("reference_images") or [], images.image_root)} for r in rows]
 
 
 def concept_sides(concepts: set, train_fraction: float, seed: int = 0) -> dict[str, str]:
@@ -117,22 +149,28 @@ def concept_sides(concepts: set, train_fraction: float, seed: int = 0) -> dict[s
     return {c: ("train" if i < n_train else "test") for i, c in enumerate(concepts)}
 
 
+def image_concepts(row: dict) -> list[str]:
+    return list(row.get("image_concepts") or ([row["image_concept"]] if row.get("image_concept") else []))
+
+
 def _assign(rows: list[dict], side: dict[str, str]) -> tuple[dict[str, list[dict]], int]:
-    """Rows by side; a "No" pair about a concept on the other side would leak its tag: dropped."""
+    """Rows by side. A multi-concept row with concepts on both sides, and a "No" pair about a
+    concept on the other side, would leak a tag across the split: dropped."""
     parts: dict[str, list[dict]] = {"train": [], "test": []}
     dropped = 0
     for r in rows:
-        s = side[r["image_concept"]]
-        if side.get(r["concept"], s) != s:
+        sides = {side[c] for c in image_concepts(r)}
+        negative = r.get("negative_concept") or (r["concept"] if r.get("qa_type") == "recognition" else None)
+        asked = [side.get(negative)] if negative else []
+        if len(sides) != 1 or any(a not in sides for a in asked if a is not None):
             dropped += 1
             continue
-        parts[s].append(r)
+        parts[sides.pop()].append(r)
     return parts, dropped
 
 
 def split_by_concept(rows: list[dict], train_fraction: float, seed: int = 0) -> tuple[dict[str, list[dict]], dict]:
-    side = concept_sides({r["image_concept"] for r in rows if r.get("image_concept") is not None},
-                         train_fraction, seed)
+    side = concept_sides({c for r in rows for c in image_concepts(r)}, train_fraction, seed)
     parts, dropped = _assign(rows, side)
     info = {"train_concepts": sorted(c for c, s in side.items() if s == "train"),
             "test_concepts": sorted(c for c, s in side.items() if s == "test"),
@@ -173,36 +211,84 @@ class _Writer:
         return self.n
 
 
+class RapDatabase:
+    """RAP's concept database (its example_database/database.json layout), filled while the
+    conversations stream past: O(concepts). A concept's image is its first reference image, else
+    the first query image of a row that shows it alone; its info is the run's own description, else
+    its first text-only answer; its category its class phrase, else its subject type (configured,
+    or the majority of its rows' subject-type column)."""
+
+    def __init__(self, concepts: list[dict], image_root: Optional[str]):
+        self.concepts = {c["name"]: dict(c) for c in concepts}
+        self.image_root = image_root
+
+    def see(self, rows: list[dict]) -> None:
+        for r in rows:
+            names = image_concepts(r)
+            if len(names) != 1 or r.get("concept") != names[0]:
+                continue  # a row about its own, single concept (not a 'No' pair, not a multi-concept photo)
+            c = self.concepts.setdefault(names[0], {"name": names[0], "tag": r["tag"]})
+            if r.get("qa_type") == "text" and not c.get("info"):
+                c["info"] = r["answer"]
+            if r.get("qa_type") != "text" and not c.get("reference_images") and r.get("image"):
+                c["reference_images"] = [r["image"][0]]
+
+    def write(self, path: str, storage_options: Optional[dict]) -> int:
+        concept_dict, path_to_concept = {}, {}
+        for name, c in sorted(self.concepts.items()):
+            refs = _relative(c.get("reference_images") or [], self.image_root)
+            if not refs:
+                continue  # RAP retrieves by image: a concept with none cannot be in its database
+            phrase = (c.get("class_phrase") or "").removeprefix("the ").strip()
+            concept_dict[c["tag"]] = {"name": name, "image": refs[0], "info": c.get("info") or "",
+                                      "category": phrase or c.get("subject_type") or ""}
+            path_to_concept.update({ref: c["tag"] for ref in refs})
+        fs, p = filesystem(path if is_url(path) else os.path.abspath(path), storage_options)
+        with fs.open(p, "w", encoding="utf-8") as f:
+            json.dump({"concept_dict": concept_dict, "path_to_concept": path_to_concept}, f, ensure_ascii=False,
+                      indent=1)
+        return len(concept_dict)
+
+
+def _database_path(out: str) -> str:
+    return (out.rsplit("/", 1)[0] if "/" in out else ".") + "/database.json" if is_url(out) else \
+        os.path.join(os.path.dirname(os.path.abspath(out)), "database.json")
+
+
 def export(output: str, fmt: str, out: str, split: Optional[str] = None, seed: int = 0,
            storage_options: Optional[dict] = None, image_root: Optional[str] = None) -> dict[str, Any]:
     """Write the export, streaming over the output; returns {file: record count} plus split details."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
     fraction = parse_split(split)
-    build = {"llava": to_llava, "sharegpt": to_sharegpt, "jsonl": to_jsonl}[fmt]
+    build = {"llava": to_llava, "sharegpt": to_sharegpt, "jsonl": to_jsonl, "rap": to_llava}[fmt]
+    registry = read_concepts(output, storage_options)
+    images = Images(registry, image_root)
+    database = RapDatabase(registry, image_root) if fmt == "rap" else None
     side = None
     if fraction is not None:  # first pass: the concepts (a small set), so the sides are known
-        concepts = {r["image_concept"] for block in _ok_blocks(output, storage_options) for r in block
-                    if r.get("image_concept") is not None}
-        side = concept_sides(concepts, fraction, seed)
+        side = concept_sides({c for block in _ok_blocks(output, storage_options) for r in block
+                              for c in image_concepts(r)}, fraction, seed)
     paths = {"all": out} if side is None else {part: _split_path(out, part) for part in ("train", "test")}
-    writers = {part: _Writer(fmt, path, storage_options) for part, path in paths.items()}
+    writers = {part: _Writer("llava" if fmt == "rap" else fmt, path, storage_options) for part, path in paths.items()}
     qa_rows = dropped = 0
     try:
         for block in _ok_blocks(output, storage_options):
             qa_rows += len(block)
-            if side is None:
-                writers["all"].write(build(block, image_root))
-                continue
-            parts, n = _assign(block, side)
+            if database is not None:
+                database.see(block)
+            parts, n = ({"all": block}, 0) if side is None else _assign(block, side)
             dropped += n
             for part, rows in parts.items():
-                writers[part].write(build(rows, image_root))
+                writers[part].write(build(rows, images))
     finally:
         counts = {paths[part]: w.close() for part, w in writers.items()}
     if not qa_rows:
         raise ExportError(f"{output}: no output rows found")
     result: dict[str, Any] = {"qa_rows": qa_rows, "files": counts}
+    if database is not None:
+        result["database"] = _database_path(out)
+        counts[result["database"]] = database.write(result["database"], storage_options)
     if side is not None:
         result.update(train_concepts=sorted(c for c, s in side.items() if s == "train"),
                       test_concepts=sorted(c for c, s in side.items() if s == "test"),

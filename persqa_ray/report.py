@@ -25,8 +25,8 @@ from persqa_ray.io.summary import read_summary
 
 THUMB_PX = 192
 # The columns the report shows or plots: one read of these, not of the whole output.
-_COLUMNS = ["row_id", "qa_index", "status", "error", "image", "tag", "subject_type", "qa_type", "question",
-            "answer", "template_id"]
+_COLUMNS = ["row_id", "qa_index", "status", "error", "image", "reference_images", "tag", "subject_type", "qa_type",
+            "negative_kind", "question", "answer", "template_id"]
 
 
 # Rows that reached these statuses had their images decoded by the run itself (within its roots,
@@ -140,12 +140,14 @@ def _commit_timeline(output: str, storage_options: Optional[dict]) -> list[tuple
 
 class _Scan:
     """One streaming pass over the output (a commit record at a time): status and template
-    counts, answer lengths, and a seeded reservoir sample of rows for the gallery. Memory: the
-    sample, one block, and a count per distinct answer length."""
+    counts, answer lengths, and a seeded reservoir sample of rows per qa_type for the gallery, so
+    every family shows up. Memory: the samples, one block, and a count per distinct answer length."""
 
     def __init__(self, sample: int, seed: int):
         self.k, self.rng = sample, random.Random(seed)
-        self.n, self.sample = 0, []
+        self.n = 0
+        self.seen: dict[str, int] = {}
+        self.reservoirs: dict[str, list] = {}
         self.statuses: dict[str, int] = {}
         self.templates: dict[str, int] = {}
         self.lengths: dict[int, int] = {}
@@ -159,12 +161,52 @@ class _Scan:
                 self.lengths[len(a)] = self.lengths.get(len(a), 0) + 1
         for r in t.to_pylist():
             self.n += 1
-            if len(self.sample) < self.k:
-                self.sample.append((self.n, r))
+            kind = r.get("qa_type") or "-"
+            seen = self.seen[kind] = self.seen.get(kind, 0) + 1
+            sample = self.reservoirs.setdefault(kind, [])
+            if len(sample) < self.k:
+                sample.append((self.n, r))
             else:
-                j = self.rng.randrange(self.n)
+                j = self.rng.randrange(seen)
                 if j < self.k:
-                    self.sample[j] = (self.n, r)
+                    sample[j] = (self.n, r)
+
+    def picks(self) -> list:
+        """Up to k rows, taken in turn from each qa_type's sample, in output order."""
+        queues = [list(v) for _, v in sorted(self.reservoirs.items())]
+        out: list = []
+        while len(out) < self.k and any(queues):
+            for q in queues:
+                if q and len(out) < self.k:
+                    out.append(q.pop(0))
+        return sorted(out, key=lambda x: x[0])
+
+
+def _card(r: dict, decoder, cache: dict) -> tuple[str, int]:
+    """One gallery card: the row's images (reference images first, then the query image; a
+    text-only row shows the reference images its answer looked at) and its QA. Returns the card
+    and how many of its thumbnails are real images."""
+    status = r.get("status") or ""
+    text_only = r.get("qa_type") == "text"  # its images are the concept's reference images
+    refs = list((r.get("image") if text_only else r.get("reference_images")) or [])
+    query = [] if text_only else (r.get("image") or [None])[:1]
+    thumbs, real = [], 0
+    for ref in (refs + query)[:4] or [None]:
+        key = (ref, status in DECODED_STATUSES)
+        if key not in cache:
+            cache[key] = _thumbnail(ref, status, decoder)
+        src, is_real = cache[key]
+        real += is_real
+        thumbs.append(f"<img class=thumb data-shown='{int(is_real)}' alt='{html.escape(str(ref))}' src='{src}'>")
+    text = {k: html.escape(str(r.get(k) if r.get(k) is not None else "–"))
+            for k in ("tag", "subject_type", "question", "answer", "qa_type", "template_id", "error")}
+    kind = f" · {html.escape(r['negative_kind'])} negative" if r.get("negative_kind") else ""
+    card = (f"<div class=card><div class=thumbs>{''.join(thumbs)}</div>"
+            f"<div><div class=meta><span class='status{'' if status == 'ok' else ' err'}'>{html.escape(status)}</span>"
+            f" {text['tag']} · {text['subject_type']} · {text['qa_type']}{kind} · <code>{text['template_id']}</code>"
+            f"</div><p class=q>{text['question']}</p>"
+            f"<p class=a>{text['answer'] if status == 'ok' else text['error']}</p></div></div>")
+    return card, real
 
 
 _CSS = """
@@ -174,6 +216,7 @@ svg text{font-size:12px;fill:#333}table.summary td{padding:2px 10px 2px 0;vertic
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:14px;margin-top:12px}
 .card{border:1px solid #ddd;border-radius:8px;padding:10px;display:flex;gap:10px}
 .card img{width:120px;height:auto;object-fit:contain;border-radius:4px;align-self:flex-start}
+.thumbs{display:flex;flex-direction:column;gap:4px}
 .meta{font-size:12px;color:#555}.q{font-weight:600;margin:4px 0}.a{margin:0}
 .status{display:inline-block;padding:0 6px;border-radius:4px;background:#e3f1e3}
 .status.err{background:#f6dcdc}code{font-size:12px}
@@ -196,7 +239,7 @@ def build_report(output: str, out: str = "report.html", sample: int = 24, seed: 
     if not n:
         from persqa_ray.export import ExportError
         raise ExportError(f"{output}: no output rows found")
-    picks = sorted(scan.sample, key=lambda x: x[0])
+    picks = scan.picks()
     statuses = [{"values": k, "counts": v} for k, v in scan.statuses.items()]
     answers_lengths = scan.lengths
     templates = [{"values": k, "counts": v} for k, v in scan.templates.items()]
@@ -204,24 +247,13 @@ def build_report(output: str, out: str = "report.html", sample: int = 24, seed: 
     cards, real, cache = [], 0, {}
     decoder = run_decoder(output, storage_options, remote_images)
     for _, r in picks:
-        ref = (r.get("image") or [None])[0]
-        status = r.get("status") or ""
-        key = (ref, status in DECODED_STATUSES)
-        if key not in cache:
-            cache[key] = _thumbnail(ref, status, decoder)
-        src, is_real = cache[key]
-        real += is_real
-        text = {k: html.escape(str(r.get(k) if r.get(k) is not None else "–"))
-                for k in ("tag", "subject_type", "question", "answer", "qa_type", "template_id", "error")}
-        cards.append(
-            f"<div class=card><img class=thumb data-shown='{int(is_real)}' alt='{html.escape(str(ref))}' src='{src}'>"
-            f"<div><div class=meta><span class='status{'' if status == 'ok' else ' err'}'>{html.escape(status)}</span>"
-            f" {text['tag']} · {text['subject_type']} · {text['qa_type']} · <code>{text['template_id']}</code></div>"
-            f"<p class=q>{text['question']}</p><p class=a>{text['answer'] if status == 'ok' else text['error']}</p>"
-            f"</div></div>")
+        card, shown = _card(r, decoder, cache)
+        cards.append(card)
+        real += shown
 
     keys = ("rows_in", "rows_ok", "rows_error", "qa_rows", "qa_rows_ok", "errors_by_status", "qa_rows_by_type",
-            "rows_by_subject_type", "recognition_labels", "recognition_disagreements", "seconds",
+            "rows_by_subject_type", "recognition_labels", "negatives_by_kind", "recognition_disagreements",
+            "text_qa_concepts", "seconds",
             "rows_per_second", "output_tokens_per_second", "model", "warnings")
     cell = (lambda v: html.escape(json.dumps(v, ensure_ascii=False)))
     summary_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{cell(summary[k])}</td></tr>"

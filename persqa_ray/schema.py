@@ -22,15 +22,24 @@ BAD_CONCEPT = "bad_concept"          # the row's concept cannot get a usable tag
 # Failures of one QA row.
 ENGINE_ERROR = "engine_error"
 INVALID_OUTPUT = "invalid_output"
+BAD_REFERENCE = "bad_reference_image"  # a reference image shown in the prompt cannot be read or decoded
+
+# What a QA row is (personalization/items.py): a question about one concept, a recognition pair
+# (its answer built from its label), a question naming every concept of a multi-concept image, a
+# text-only question about a concept (answered looking at its reference images).
+QA_TYPES = ("open", "recognition", "multi", "text")
 
 # Our columns, in order, with fixed types so every output file has one schema.
 OUTPUT_FIELDS = [
     pa.field("row_id", pa.string()),
     pa.field("qa_index", pa.int32()),
-    pa.field("qa_type", pa.string()),           # open | recognition
+    pa.field("qa_type", pa.string()),           # one of QA_TYPES
     pa.field("concept", pa.string()),           # the concept the question asks about
     pa.field("tag", pa.string()),
-    pa.field("image_concept", pa.string()),     # the concept the image shows (differs on "No" pairs)
+    pa.field("image_concept", pa.string()),     # the concept the image shows (differs on "No" pairs; '+'-joined
+                                                # names for a multi-concept image)
+    pa.field("image_concepts", pa.list_(pa.string())),  # every concept the image shows
+    pa.field("reference_images", pa.list_(pa.string())),  # shown before the query image (RAP), in order
     pa.field("subject_type", pa.string()),
     pa.field("subject_type_source", pa.string()),  # one of SUBJECT_SOURCES
     pa.field("question", pa.string()),
@@ -38,6 +47,9 @@ OUTPUT_FIELDS = [
     pa.field("pers_qa", pa.string()),
     pa.field("template_id", pa.string()),
     pa.field("label", pa.string()),             # recognition: yes | no (the truth, by construction)
+    pa.field("negative_concept", pa.string()),  # a "No" pair: the concept it asks about (not in the image)
+    pa.field("negative_kind", pa.string()),     # ... and why it was chosen: same_class_phrase | same_type |
+                                                # similar | random
     pa.field("model_label", pa.string()),       # recognition_check: what the VLM answered
     pa.field("language", pa.string()),
     pa.field("status", pa.string()),
@@ -62,6 +74,10 @@ SHAPES = "_pq_shapes"        # list<list<int32>>: [height, width] per image
 ITEMS = "_pq_items"          # list<struct>: the row's QA items (personalization/items.py ITEM_TYPE)
 CLASS_PHRASE = "_pq_class_phrase"  # the concept's class phrase, if registered
 DETECT = "_pq_detect"        # bool: the VLM decides the row's subject type (generate stage)
+REF_IMAGES = "_pq_ref_images"      # list<string>: reference images shown before the query image
+REF_CAPTIONS = "_pq_ref_captions"  # list<string>: their captions ("This is <chelsea>.")
+CONCEPTS = "_pq_concepts"    # list<string>: the row's concept names from input.concept_column (a name or a list)
+TEXT_ROW = "_pq_text_row"    # bool: a concept row (io/concept_rows.py): text-only questions
 SOURCE = "_pq_source"        # shard path the row came from (travels to the writer: commit units)
 POSITION = "_pq_position"    # the row's position in its shard (resume state: done ranges)
 REPLACES = "_pq_replaces"    # --retry-errors: the commit record whose error row this row replaces

@@ -1,8 +1,9 @@
 """Demo input from real photos shipped inside scikit-image (no network needed).
 
 Writes OUT/images/*.jpg (plus one deliberately broken file), OUT/shard-000.jsonl (seed-style rows:
-lists of relative paths, a bare string path, a two-image row, a broken and a missing image) and
-OUT/shard-001.parquet (more rows). Deterministic: the same files every time.
+lists of relative paths, a bare string path, a two-image row, a photo of two concepts, a broken and
+a missing image), OUT/shard-001.parquet (more rows), and OUT/_concepts/ (a concepts table with two
+reference images each for <chelsea> and <eileen>). Deterministic: the same files every time.
 
     python scripts/make_demo_data.py [OUT] [--rows N]
 """
@@ -43,10 +44,50 @@ def write_images(images_dir: Path) -> list[tuple[str, str, str]]:
     return out
 
 
+def write_concepts(out: Path) -> Path:
+    """_concepts/concepts.jsonl: <chelsea> (the cat) and <eileen> (the astronaut) with two reference
+    images each (crops of their photos, so they look like the concept and are not the query image),
+    plus their class phrases and subject types: the registry RAP's database is exported from."""
+    from PIL import Image
+    d = out / "_concepts"  # underscore: not listed as an input shard
+    d.mkdir(parents=True, exist_ok=True)
+    crops = {"chelsea": [(0, 0, 300, 300), (120, 0, 451, 300)], "eileen": [(80, 0, 400, 330), (0, 60, 512, 512)]}
+    photo = {"chelsea": "chelsea.jpg", "eileen": "astronaut.jpg"}
+    rows = []
+    for name, boxes in crops.items():
+        refs = []
+        for i, box in enumerate(boxes, start=1):
+            path = d / f"{name}_{i}.jpg"
+            if not path.exists():
+                Image.open(out / "images" / photo[name]).convert("RGB").crop(box).save(path, quality=90)
+            refs.append(path.name)
+        rows.append({"concept": name, "class_phrase": "the cat" if name == "chelsea" else "the astronaut",
+                     "subject_type": "animal" if name == "chelsea" else None, "reference_images": refs})
+    table = d / "concepts.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return table
+
+
+def write_pair(images_dir: Path) -> str:
+    """One photo of two concepts side by side (the astronaut left, the cat right): a multi-concept row."""
+    from PIL import Image
+    path = images_dir / "eileen_and_chelsea.jpg"
+    if not path.exists():
+        left, right = (Image.open(images_dir / n).convert("RGB").resize((320, 320))
+                       for n in ("astronaut.jpg", "chelsea.jpg"))
+        pair = Image.new("RGB", (640, 320))
+        pair.paste(left, (0, 0))
+        pair.paste(right, (320, 0))
+        pair.save(path, quality=90)
+    return path.name
+
+
 def make(out: Path, rows: int = 12) -> dict:
     """Create the demo set with `rows` ordinary rows plus the special ones; returns a manifest."""
     out.mkdir(parents=True, exist_ok=True)
     photos = write_images(out / "images")
+    pair = write_pair(out / "images")
+    write_concepts(out)
     # Every third row leaves its subject type empty: the VLM detects it when the config asks.
     ordinary = [{"image": [f"images/{photos[i % len(photos)][0]}"],
                  "subject": None if i % 3 == 2 else photos[i % len(photos)][1],
@@ -55,6 +96,7 @@ def make(out: Path, rows: int = 12) -> dict:
         {"image": "images/coffee.jpg", "subject": "object", "concept": "espresso", "source": "bare string path"},
         {"image": ["images/astronaut.jpg", "images/chelsea.jpg"], "subject": "person", "concept": "eileen",
          "source": "two images"},
+        {"image": [f"images/{pair}"], "concept": ["eileen", "chelsea"], "source": "two concepts"},
         {"image": [f"images/{BROKEN}"], "subject": "object", "source": "broken file"},
         {"image": [f"images/{MISSING}"], "subject": "object", "source": "missing file"},
     ]
@@ -76,4 +118,5 @@ if __name__ == "__main__":
     a = ap.parse_args()
     m = make(Path(a.out), a.rows)
     print(f"demo data in {Path(a.out).resolve()}: {m['rows']} rows "
-          f"({m['jsonl_rows']} JSONL + {m['parquet_rows']} Parquet; one broken, one missing image)")
+          f"({m['jsonl_rows']} JSONL + {m['parquet_rows']} Parquet; one broken, one missing image), "
+          "_concepts/concepts.jsonl")

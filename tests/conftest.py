@@ -38,8 +38,9 @@ def tiny_model() -> str:
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> tuple[Path, dict]:
-    """22 rows over two shards (JSONL + Parquet): a two-image row, a bare string path, a broken
-    and a missing image. Returns (directory, manifest)."""
+    """23 rows over two shards (JSONL + Parquet): a two-image row, a photo of two concepts, a bare
+    string path, a broken and a missing image; a concepts table with reference images. Returns
+    (directory, manifest)."""
     import make_demo_data
     d = tmp_path_factory.mktemp("demo_data")
     return d, make_demo_data.make(d, rows=18)
@@ -53,8 +54,10 @@ def demo_config(data_dir, out_dir, model: str, personalized: bool = False, **sec
     cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     if not personalized:
         cfg["prompt"] = {"tag": "mam", "seed": 0, "questions_per_image": 1}
-        for key in ("concept_column", "subject_type_column"):
+        for key in ("concept_column", "subject_type_column", "concepts_table"):
             cfg["input"].pop(key, None)
+    else:
+        cfg["input"]["concepts_table"] = str(Path(data_dir) / "_concepts" / "concepts.jsonl")
     cfg["input"]["path"] = str(data_dir)
     cfg["output"]["path"] = str(out_dir)
     cfg["engine"]["model"] = model

@@ -65,3 +65,17 @@ def test_masked_hides_every_credential_like_value():
     assert m["engine"]["env"] == {"HF_TOKEN": "***"} and m["engine"]["engine_kwargs"] == {"x": "***"}
     assert m["engine"]["api_key_env"] == "MY_KEY_VAR" and m["engine"]["max_tokens"] == 128  # names, not secrets
     assert m["extra"] == {"aws_secret_access_key": "***", "session_token": "***", "password": "***", "tokens": 3}
+
+
+def test_engine_fields_belong_to_their_kind_and_new_families_are_checked():
+    with pytest.raises(ConfigError, match="engine.base_url: unknown field for engine.kind 'vllm'"):
+        load_config(BASE, ["engine.base_url=http://127.0.0.1:8000/v1"])
+    cfg = load_config(BASE, ["engine.kind=openai", "engine.base_url=http://127.0.0.1:8000/v1"])
+    assert cfg.engine.kind == "openai" and cfg.engine.structured == "vllm" and cfg.engine.gpus is None
+    with pytest.raises(ConfigError, match="^engine.base_url: Field required"):
+        load_config(BASE, ["engine.kind=openai"])
+    with pytest.raises(ConfigError, match="^prompt.recognition_negatives: 'similar' needs input.embedding_column"):
+        load_config(BASE, ["prompt.recognition_negatives=similar"])
+    with pytest.raises(ConfigError, match="^prompt.max_reference_images: 4 reference image"):
+        load_config(BASE, ["prompt.reference_images_in_prompt=true", "prompt.max_reference_images=4"])
+    assert load_config(BASE, ["prompt.reference_images_in_prompt=true", "prompt.max_reference_images=3"])

@@ -45,7 +45,7 @@ class _ServingEngine(SyncEngine):
         self.model_name = str(getattr(serving, "model_name", type(serving).__name__))
 
     def _prompt(self, req: GenerationRequest) -> str:
-        messages = chat_messages(req, [{"type": "image"} for _ in req.images])
+        messages = chat_messages(req, [{"type": "image"} for _ in req.all_images()])
         processor = getattr(self.serving, "processor", None)
         if processor is not None and hasattr(processor, "apply_chat_template"):
             return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -57,7 +57,7 @@ class _ServingEngine(SyncEngine):
         try:
             texts = self.serving.generate_from_input([self._prompt(r) for r in requests],
                                                      system_prompt=requests[0].system_prompt,
-                                                     image_inputs=[list(r.images) for r in requests])
+                                                     image_inputs=[r.all_images() for r in requests])
         except Exception as e:  # noqa: BLE001
             return [GenerationResult(None, error=f"{type(e).__name__}: {e}") for _ in requests]
         return [GenerationResult(text=t) for t in texts]

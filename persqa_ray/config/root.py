@@ -44,4 +44,11 @@ class PersQAConfig(_Section):
             raise ValueError(f"image.formats: {unknown} are not formats PIL can open here")
         if self.image.min_pixels > self.image.max_pixels:
             raise ValueError("image.min_pixels must not exceed image.max_pixels")
+        pr = self.prompt
+        if pr.recognition_negatives == "similar" and not self.input.embedding_column:
+            raise ValueError("prompt.recognition_negatives: 'similar' needs input.embedding_column")
+        if pr.reference_images_in_prompt and pr.max_reference_images + 1 > self.engine.max_images_per_prompt:
+            raise ValueError(f"prompt.max_reference_images: {pr.max_reference_images} reference image(s) and the "
+                             f"query image exceed engine.max_images_per_prompt={self.engine.max_images_per_prompt}; "
+                             "raise that limit or show fewer reference images")
         return self

@@ -41,7 +41,16 @@ class InputConfig(_Section):
         "and the row's position in it.")
     concept_column: Optional[str] = Field(
         None, description="Column naming each row's concept (its tag comes from prompt.concepts, else "
-        "'<value>'). Unset or empty value: the concept prompt.tag.")
+        "'<value>'). Unset or empty value: the concept prompt.tag. A list of names: a multi-concept image "
+        "(questions of the multi family).")
+    concepts_table: Optional[str] = Field(
+        None, description="A Parquet or JSONL file of concepts, one per row: concept (the name), and optionally "
+        "tag, class_phrase, subject_type, reference_images (paths or URLs, relative to the table's directory), "
+        "info. For registries of thousands of concepts; prompt.concepts entries win over its rows.")
+    embedding_column: Optional[str] = Field(
+        None, description="Column with an embedding per row (a list of floats, e.g. from CLIP): averaged per "
+        "concept by the concept pass, it ranks other concepts by cosine similarity for "
+        "prompt.recognition_negatives: similar.")
     subject_type_column: Optional[str] = Field(
         None, description="Column with the subject type (person/animal/object) of each row; it picks the "
         "question families exactly. Empty value: detection or prompt.default_subject_type; any other "
@@ -105,6 +114,11 @@ class ConceptConfig(_Section):
         "when prompt.substitute_class_phrase is on, and refused in answers when it is off.")
     subject_type: Optional[SubjectType] = Field(
         None, description="The subject type of every image of this concept (a subject_type column wins).")
+    reference_images: list[str] = Field(
+        default_factory=list, description="Reference images of the concept (paths relative to the current "
+        "directory, or URLs), read under input.allowed_roots: shown in the prompt "
+        "(prompt.reference_images_in_prompt), looked at for text-only QA, listed in the RAP export.")
+    info: Optional[str] = Field(None, description="A description of the concept (RAP's database 'info').")
 
     _tag = field_validator("tag")(classmethod(lambda cls, v: v if v is None else _check_tag_name(v)))
 
@@ -124,6 +138,21 @@ class PromptConfig(_Section):
     recognition: bool = Field(
         False, description="Add recognition QA per image: 'Is <tag> in this photo?' with its own tag "
         "(Yes) and, when the dataset has other concepts, with another concept's tag (No): 50/50.")
+    recognition_negatives: Optional[Literal["random", "same_type", "similar"]] = Field(
+        None, description="Which concept a 'No' recognition pair asks about: 'same_type' (another concept with "
+        "the same class phrase first, then the same subject type: another cat for <chelsea>), 'similar' (the "
+        "most similar concepts by input.embedding_column), 'random'. Unset: same_type when subject types are "
+        "known, else random. Each 'No' row records negative_concept and negative_kind.")
+    reference_images_in_prompt: bool = Field(
+        False, description="Show each concept's reference images before the query image (\"This is <tag>.\"), as "
+        "RAP does; they count against engine.max_images_per_prompt.")
+    max_reference_images: int = Field(
+        2, ge=1, description="Most reference images shown in one request (spread over a multi-concept row's "
+        "concepts).")
+    text_qa_per_concept: int = Field(
+        0, ge=0, le=16, description="Text-only questions per concept about its stable attributes, answered by "
+        "the VLM looking at the concept's reference images, written as qa_type 'text' rows with no image "
+        "(Yo'LLaVA's text QA). Concepts with no reference image are skipped (a warning).")
     recognition_check: bool = Field(
         False, description="Also ask the VLM each recognition question (Yes/No structured output); its "
         "answer lands in `model_label`, disagreements are counted in the summary.")

@@ -15,7 +15,7 @@ import importlib
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Coroutine, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Coroutine, Optional, Protocol, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -28,10 +28,16 @@ class GenerationRequest:
     user_prompt: str
     images: list[np.ndarray]          # RGB uint8 HxWx3, already at the model's size
     seed: Optional[int] = None        # per-request sampling seed (reproducible reruns)
-    answer_prefix: Optional[str] = None  # structured output: the answer must begin with this
+    answer_prefix: Union[str, tuple[str, ...], None] = None  # structured output: the answer begins with
+                                                             # this (or with one of these)
     prompt: Optional[str] = None      # an already chat-templated prompt (used as is when set)
     choices: Optional[tuple[str, ...]] = None  # structured output: the answer is exactly one of these
     history: tuple[tuple[str, str], ...] = ()  # earlier (role, text) turns of a conversation, oldest first
+    references: tuple[tuple[np.ndarray, str], ...] = ()  # (image, caption) shown before `images` (RAP)
+
+    def all_images(self) -> list[np.ndarray]:
+        """Every image of the request in the order the prompt shows them: references, then the query."""
+        return [im for im, _ in self.references] + list(self.images)
 
 
 @dataclass
@@ -118,19 +124,27 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def chat_messages(req: GenerationRequest, image_parts: list[dict]) -> list[dict]:
-    """The turns every engine sends: system, any earlier turns, then the user turn with the row's
-    image parts and the question text. Each engine says how an image is given (a placeholder, a
-    data URL)."""
-    content = list(image_parts) + [{"type": "text", "text": req.user_prompt}]
+    """The turns every engine sends: system, any earlier turns, then the user turn: each reference
+    image with its caption ("This is <chelsea>."), the row's images, the question text. `image_parts`
+    holds one part per image of `req.all_images()`, in that order; each engine says how an image is
+    given (a placeholder, a data URL)."""
+    n_ref = len(req.references)
+    content: list[dict] = []
+    for part, (_, caption) in zip(image_parts[:n_ref], req.references):
+        content += [part, {"type": "text", "text": caption}]
+    content += list(image_parts[n_ref:]) + [{"type": "text", "text": req.user_prompt}]
     return ([{"role": "system", "content": req.system_prompt}]
             + [{"role": role, "content": text} for role, text in req.history]
             + [{"role": "user", "content": content}])
 
 
-def prefix_regex(prefix: str) -> str:
-    """Structured output that forces only the beginning of the answer; the rest is free text
-    bounded by max_tokens (a pattern that restricts the wording would cripple real answers)."""
-    return re.escape(prefix) + r"[\s\S]*"
+def prefix_regex(prefix: Union[str, Sequence[str]]) -> str:
+    """Structured output that forces only the beginning of the answer (one prefix, or one of
+    several: a multi-concept answer starts with any of its tags); the rest is free text bounded by
+    max_tokens (a pattern that restricts the wording would cripple real answers)."""
+    if isinstance(prefix, str):
+        return re.escape(prefix) + r"[\s\S]*"
+    return "(?:" + "|".join(re.escape(p) for p in prefix) + r")[\s\S]*"
 
 
 # kind -> "module:factory"; adding an engine is one file plus one line here.

@@ -88,7 +88,7 @@ class OpenAIEngine(AsyncEngine):
 
     async def _one(self, req: GenerationRequest) -> GenerationResult:
         messages = chat_messages(req, [{"type": "image_url", "image_url": {"url": data_url(img)}}
-                                       for img in req.images])
+                                       for img in req.all_images()])
         extra = {}
         if self.structured == "vllm" and req.choices:
             extra["extra_body"] = {"structured_outputs": {"choice": list(req.choices)}}

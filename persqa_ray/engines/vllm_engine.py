@@ -158,7 +158,7 @@ class _VLLMBase:
     def render_prompt(self, req: GenerationRequest) -> str:
         if req.prompt is not None:
             return req.prompt
-        return self.chat_template(chat_messages(req, [{"type": "image"} for _ in req.images]))
+        return self.chat_template(chat_messages(req, [{"type": "image"} for _ in req.all_images()]))
 
     def _params(self, req: GenerationRequest):
         extra = {}
@@ -171,8 +171,9 @@ class _VLLMBase:
 
     def _inputs(self, req: GenerationRequest) -> dict:
         item: dict[str, Any] = {"prompt": self.render_prompt(req)}
-        if req.images:
-            item["multi_modal_data"] = {"image": list(req.images)}
+        images = req.all_images()
+        if images:
+            item["multi_modal_data"] = {"image": images}
         return item
 
     @staticmethod
@@ -238,7 +239,7 @@ class VLLMEngine(_VLLMBase, SyncEngine):
         self.llm = None
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+            _call_with_timeout(core.shutdown)
 
 
 class AsyncVLLMEngine(_VLLMBase, AsyncEngine):
@@ -293,7 +294,21 @@ class AsyncVLLMEngine(_VLLMBase, AsyncEngine):
     def _stop(self, allm) -> None:
         self.async_llm = None
         _stop_output_handler(allm)
-        allm.shutdown()
+        _call_with_timeout(allm.shutdown)
+
+
+# EngineCore waits up to VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS (5) for its worker, while vLLM's
+# client gives EngineCore only 5 s before it force-kills it (a WARNING after every CPU run, and
+# a worker left to exit on its own): give EngineCore the time its own shutdown takes.
+ENGINE_SHUTDOWN_TIMEOUT_S = 15.0
+
+
+def _call_with_timeout(shutdown) -> None:
+    try:
+        takes_timeout = "timeout" in inspect.signature(shutdown).parameters
+    except (TypeError, ValueError):
+        takes_timeout = False
+    shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S) if takes_timeout else shutdown()
 
 
 def _stop_output_handler(allm, timeout_s: float = 5.0) -> None:

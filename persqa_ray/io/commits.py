@@ -118,6 +118,8 @@ def unit_counts(t: pa.Table) -> dict[str, Any]:
         "rows_by_subject_type": _value_counts(t.column("subject_type"), first),
         "rows_by_subject_type_source": _value_counts(t.column("subject_type_source"), first),
         "recognition_labels": _value_counts(t.column("label"), recognition),
+        "negatives_by_kind": _value_counts(t.column("negative_kind"), pc.and_(recognition, pc.equal(t.column("label"),
+                                                                                                   "no"))),
         "recognition_checked": int(pc.sum(pc.cast(checked, pa.int64())).as_py() or 0),
         "recognition_disagreements": int(disagree or 0),
         "questions_by_template": _value_counts(t.column("template_id"), ok),

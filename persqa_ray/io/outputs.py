@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 RUN_FILE = "_run.json"
 SUMMARY_FILE = "_summary.json"
 LEASE_FILE = "_lease.json"
+CONCEPTS_FILE = "_concepts.json"  # the run's concept registry: the RAP export's database comes from it
 MARKER_KEY = "persqa_ray_output"
 # Settings that decide what a row's output is: a resume with other values would mix two datasets.
 # engine.kind decides how the tag is forced (in-process vLLM vs a server); engine.base_url does not
@@ -34,8 +35,8 @@ RUN_IDENTITY_FIELDS = ("prompt", "engine.kind", "engine.model", "engine.max_toke
                        "output.pers_qa_format", "output.partition_by", "input.image_column", "input.id_column",
                        "input.concept_column", "input.subject_type_column")
 _OUR_DATA_FILE = re.compile(r"^\.?part-[0-9a-f]+-[0-9a-f]+-\d+\.parquet(\.tmp)?$")
-_OUR_TOP_FILES = {RUN_FILE, SUMMARY_FILE, LEASE_FILE, f".{RUN_FILE}.tmp", f".{SUMMARY_FILE}.tmp",
-                  f".{LEASE_FILE}.tmp"}
+_OUR_TOP_FILES = {RUN_FILE, SUMMARY_FILE, LEASE_FILE, CONCEPTS_FILE, f".{RUN_FILE}.tmp", f".{SUMMARY_FILE}.tmp",
+                  f".{LEASE_FILE}.tmp", f".{CONCEPTS_FILE}.tmp"}
 
 
 def is_our_output(fs, root: str) -> bool:
@@ -152,6 +153,25 @@ def write_run_file(fs, root: str, ident: dict, limits: Optional[dict] = None, ur
     if limits:
         body["limits"] = limits
     _write_json(fs, f"{root}/{RUN_FILE}", body, url)
+
+
+def write_concepts(out, registry) -> None:
+    """The run's concepts: registered ones (name, tag, class phrase, subject type, reference images,
+    info) and those found in the input (with the subject type of most of their rows). O(concepts),
+    rewritten by every run (what a later export describes)."""
+    from persqa_ray.io.commits import _write_json, output_root
+    fs, root = output_root(out.path, out.storage_options)
+    registered = {c.name for c in registry.registered}
+    found = [c for c in (registry.resolve(n)[0] for n in registry.known if n not in registered) if c is not None]
+    body = [{"name": c.name, "tag": c.tag, "class_phrase": c.class_phrase, "subject_type": registry.subject_type_of(c),
+             "reference_images": list(c.reference_images), "info": c.info} for c in [*registry.registered, *found]]
+    _write_json(fs, f"{root}/{CONCEPTS_FILE}", body, is_url(out.path))
+
+
+def read_concepts(path: str, storage_options: Optional[dict] = None) -> list[dict]:
+    from persqa_ray.io.commits import output_root, read_json
+    fs, root = output_root(path, storage_options)
+    return read_json(fs, f"{root}/{CONCEPTS_FILE}") or []
 
 
 def read_limits(path: str, storage_options: Optional[dict] = None) -> Optional[dict]:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from persqa_ray import schema
+from persqa_ray.io.concept_rows import CONCEPTS_FORMAT, concept_records
 from persqa_ray.io.duplicate_ids import load_duplicate_positions
 from persqa_ray.io.filesystems import filesystem, parent_of
 from persqa_ray.io.image_refs import RefError, as_ref_list, resolve
@@ -38,13 +39,22 @@ class ReadOptions:
     dups_dir: Optional[str] = None     # id_column: the duplicate-id pre-pass results (io/duplicate_ids.py)
     output_storage_options: dict[str, Any] = field(default_factory=dict)
     max_record_bytes: int = 16 * 2**20  # a longer JSONL line is a bad_record row, never read whole
+    concept_rows: tuple = ()            # text-only QA: (concept, reference images) pairs (io/concept_rows.py)
+    concept_column: Optional[str] = None  # input.concept_column: its names are parsed into schema.CONCEPTS
 
     @classmethod
     def from_config(cls, cfg, cwd: str) -> "ReadOptions":
         i = cfg.input
         return cls(image_column=i.image_column, id_column=i.id_column, paths_relative_to=i.paths_relative_to,
                    cwd=cwd, storage_options=dict(i.storage_options), block_rows=i.block_rows,
-                   max_record_bytes=i.max_record_bytes)
+                   max_record_bytes=i.max_record_bytes, concept_column=i.concept_column)
+
+
+def concept_names(value: Any) -> list[str]:
+    """A concept column's value as names: [] for none (the default concept), one for a name,
+    several (de-duplicated, in order) for a list."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return list(dict.fromkeys(str(v).strip() for v in values if v is not None and str(v).strip()))
 
 
 def normalize_row(record: Any, shard: str, position: int, opts: ReadOptions) -> dict[str, Any]:
@@ -64,6 +74,8 @@ def normalize_row(record: Any, shard: str, position: int, opts: ReadOptions) -> 
     for key, value in record.items():
         if key != opts.image_column:
             row[schema.input_column_name(key)] = value
+    if opts.concept_column:  # a name or a list of names (a multi-concept image), whatever the rest of the column holds
+        row[schema.CONCEPTS] = concept_names(record.get(opts.concept_column))
     if opts.image_column not in record:
         row.update(status=schema.MISSING_COLUMN,
                    error=f"{os.path.basename(shard)} row {position}: no '{opts.image_column}' column")
@@ -173,7 +185,7 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
     # Pin the types of our own columns (a batch of only error rows would infer null types).
     fixed = {"row_id": pa.string(), "image": pa.list_(pa.string()), "status": pa.string(),
              "error": pa.string(), schema.SOURCE: pa.string(), schema.POSITION: pa.int64(),
-             schema.REPLACES: pa.string()}
+             schema.REPLACES: pa.string(), schema.CONCEPTS: pa.list_(pa.string())}
     for name, typ in fixed.items():
         if name not in table.column_names:
             continue
@@ -220,26 +232,21 @@ def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None,
     state = load_shard_state(shard, resume) if resume is not None else None
     dups = load_duplicate_positions(shard, opts.dups_dir, opts.output_storage_options) if opts.id_column else set()
     tally = {"resumed": 0, "retried": 0}
-    fs, p = filesystem(shard, opts.storage_options)
-    records = _jsonl_records if fmt == "jsonl" else _parquet_records
     rows: list[dict] = []
     count = 0
     failure = None
     try:
-        with fs.open(p, "rb") as f:
-            if fmt == "parquet":
-                f = io.BytesIO(f.read()) if not hasattr(f, "seek") else f
-            for row in records(f, shard, opts, state.is_done if state is not None else _never):
-                count += 1
-                if row is None:
-                    tally["resumed"] += 1
-                    continue
-                rows.append(row)
-                if len(rows) >= opts.block_rows:
-                    table = _finish(rows, dups, state, tally)
-                    rows = []
-                    if table is not None:
-                        yield table
+        for row in _records(shard, fmt, opts, state.is_done if state is not None else _never):
+            count += 1
+            if row is None:
+                tally["resumed"] += 1
+                continue
+            rows.append(row)
+            if len(rows) >= opts.block_rows:
+                table = _finish(rows, dups, state, tally)
+                rows = []
+                if table is not None:
+                    yield table
     except Exception as e:  # noqa: BLE001 - a shard that cannot be parsed is reported, not fatal
         failure = f"{type(e).__name__}: {e}"
     table = _finish(rows, dups, state, tally)
@@ -248,18 +255,28 @@ def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None,
     if stats is not None:
         import ray
         extra = {"rows_resumed": tally["resumed"], "rows_retried": tally["retried"]}
+        if fmt == CONCEPTS_FORMAT:
+            extra["text_qa_concepts"] = count
         if state is not None:
             extra.update(records_dropped=state.records_dropped, orphan_files_removed=state.orphan_files_removed)
         ray.get(stats.shard_read.remote(shard, count, extra, failure))
 
 
-def iter_records(shard: str, fmt: str, opts: ReadOptions) -> Iterator[dict]:
-    """The shard's normalized rows, one at a time (the duplicate-id pre-pass reads only this)."""
+def _records(shard: str, fmt: str, opts: ReadOptions, skip=_never) -> Iterator[Optional[dict]]:
+    """The shard's normalized rows (None for a row an earlier run committed), whatever its format."""
+    if fmt == CONCEPTS_FORMAT:
+        yield from concept_records(opts.concept_rows, skip)
+        return
     fs, p = filesystem(shard, opts.storage_options)
     with fs.open(p, "rb") as f:
         if fmt == "parquet":
             f = io.BytesIO(f.read()) if not hasattr(f, "seek") else f
-        yield from (_jsonl_records if fmt == "jsonl" else _parquet_records)(f, shard, opts)
+        yield from (_jsonl_records if fmt == "jsonl" else _parquet_records)(f, shard, opts, skip)
+
+
+def iter_records(shard: str, fmt: str, opts: ReadOptions) -> Iterator[dict]:
+    """The shard's normalized rows, one at a time (the duplicate-id pre-pass reads only this)."""
+    yield from _records(shard, fmt, opts)
 
 
 def read_shards_batch(batch: dict, opts: ReadOptions, stats=None,
@@ -267,13 +284,3 @@ def read_shards_batch(batch: dict, opts: ReadOptions, stats=None,
     """map_batches UDF over the shard list: each batch holds one or more (shard, format) items."""
     for shard, fmt in zip(batch["shard"], batch["format"]):
         yield from read_shard(str(shard), str(fmt), opts, stats, resume)
-
-
-def concept_values_batch(batch: dict, opts: ReadOptions, column: str) -> Iterator[pa.Table]:
-    """map_batches UDF for the concept pre-pass: the distinct values of the concept column per
-    shard batch (empty values stand for the default concept and come back as '')."""
-    for shard, fmt in zip(batch["shard"], batch["format"]):
-        for table in read_shard(str(shard), str(fmt), opts):
-            values = table.column(column).to_pylist() if column in table.column_names else [None]
-            distinct = sorted({"" if v is None else str(v).strip() for v in values})
-            yield pa.table({"concept": pa.array(distinct, pa.string())})

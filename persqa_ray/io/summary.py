@@ -116,7 +116,8 @@ def summarize(out: OutputConfig, stats: dict[str, Any], seconds: float, model: s
     if c.get("qa_rows_by_type"):
         summary.update({k: _clean(c.get(k, {})) for k in (
             "qa_rows_by_type", "rows_by_subject_type", "rows_by_subject_type_source", "recognition_labels",
-            "questions_by_template")})
+            "negatives_by_kind", "questions_by_template")})
+        summary["text_qa_concepts"] = int(stats.get("text_qa_concepts", 0))
         summary["recognition_checked"] = c.get("recognition_checked", 0)
         summary["recognition_disagreements"] = c.get("recognition_disagreements", 0)
     if max_error_fraction is not None and generated and engine_fraction > max_error_fraction:
@@ -159,6 +160,10 @@ def human_summary(s: dict[str, Any]) -> str:
         lines.append("recognition labels: " + ", ".join(f"{k}={v}" for k, v in s["recognition_labels"].items())
                      + (f"  VLM disagreed on {s['recognition_disagreements']} of {s['recognition_checked']}"
                         if s.get("recognition_checked") else ""))
+    if s.get("negatives_by_kind"):
+        lines.append("'No' pairs asked about: " + ", ".join(f"{k}={v}" for k, v in s["negatives_by_kind"].items()))
+    if s.get("text_qa_concepts"):
+        lines.append(f"text-only QA: {s['text_qa_concepts']} concept(s) (counted in rows in)")
     for w in s.get("warnings", []):
         lines.append(f"warning: {w}")
     if s["shard_errors"]:

@@ -63,9 +63,26 @@ def substitute_phrase(text: Optional[str], phrase: str, tag: str) -> Optional[st
     return re.sub(re.escape(phrase), lambda _: tag, text.strip(), flags=re.IGNORECASE)
 
 
+def check_multi_answer(text: Optional[str], tags: list[str], question: str) -> tuple[Optional[str], Optional[str]]:
+    """A multi-concept answer: starts with one of the tags, names every tag the question names,
+    and passes the single-concept checks from the tag it starts with."""
+    first = next((t for t in tags if (text or "").strip().startswith(t)), None)
+    if first is None:
+        return None, f"answer does not start with one of {' '.join(tags)}: {(text or '').strip()[:60]!r}"
+    answer, reason = check_answer(text, first, question=question)
+    if answer is None:
+        return None, reason
+    missing = [t for t in tags if t not in answer]
+    if missing:
+        return None, f"answer does not name {' '.join(missing)}"
+    return answer, None
+
+
 def accept_answer(opts: PersonalizationOptions, item: dict, text: Optional[str]) -> tuple[Optional[str], Optional[str]]:
-    """The policy for one open item's answer: (answer, None) to keep, (None, reason) to re-ask."""
-    if opts.substitute:
+    """The policy for one asked item's answer: (answer, None) to keep, (None, reason) to re-ask."""
+    if item["tags"]:  # multi: one of several tags starts it, every named tag must appear
+        return check_multi_answer(text, list(item["tags"]), item["question"])
+    if opts.substitute and item["phrase"] and item["qa_type"] == "open":
         return check_answer(substitute_phrase(text, item["phrase"], item["tag"]), item["tag"],
                             question=item["question"])
     return check_answer(text, item["tag"], question=item["question"], class_phrase=item["phrase"])

@@ -4,14 +4,16 @@ Concepts come from `prompt.concepts` in the config and from the input's concept 
 that is not registered gets the tag `<name>` when that is a valid bare tag name. Problems are
 found before work starts where possible: two concepts with one tag, a tag the model's tokenizer
 already knows as a token or as an ordinary word (the model would read `<cat>` as "cat"). A row
-whose concept cannot get a tag becomes a `bad_concept` error row; nothing is dropped.
+whose concept cannot get a tag becomes a `bad_concept` error row; nothing is dropped. A row may
+name several concepts (a list): a multi-concept image. The registry also chooses the concept a
+'No' recognition pair asks about (`negative_for`: hard negatives, after Yo'LLaVA).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Optional
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +26,13 @@ def valid_tag_name(name: str) -> bool:
 class Concept:
     name: str
     tag: str                           # rendered, e.g. "<bo>"
-    class_phrase: Optional[str] = None  # "the cat": MyVLM substitution, and the answer check
+    class_phrase: Optional[str] = None  # "the cat": MyVLM substitution, the answer check, hard negatives
     subject_type: Optional[str] = None  # known type of this concept's subject, if configured
+    reference_images: tuple[str, ...] = ()  # absolute paths or URLs (RAP's concept database)
+    info: Optional[str] = None          # a description, for RAP's database
+
+
+NEGATIVE_KINDS = ("same_class_phrase", "same_type", "similar", "random")
 
 
 @dataclass(frozen=True)
@@ -34,12 +41,15 @@ class ConceptRegistry:
     registered: tuple[Concept, ...] = ()
     known: tuple[str, ...] = ()                    # concepts found in the input: recognition negatives
     invalid: tuple[tuple[str, str], ...] = ()      # (name, reason) found before work started
+    types: tuple[tuple[str, str], ...] = ()        # input concepts' subject types (the concept pass)
+    similar: tuple[tuple[str, tuple[str, ...]], ...] = ()  # concept -> others, most similar embedding first
+    negatives: str = "random"                      # random | same_type | similar (prompt.recognition_negatives)
     _by_name: dict = field(init=False, compare=False, repr=False)
     _cache: dict = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "_by_name", {c.name: c for c in self.registered})
-        object.__setattr__(self, "_cache", {})
+        object.__setattr__(self, "_cache", {"types": dict(self.types), "similar": dict(self.similar)})
 
     def resolve(self, name: Optional[str]) -> tuple[Optional[Concept], Optional[str]]:
         """(concept, None) or (None, reason) for a row's concept value (None: the default)."""
@@ -56,14 +66,53 @@ class ConceptRegistry:
         for c in self.registered:
             if c.tag == tag:
                 return None, f"concept {name!r} would get tag {tag}, which concept {c.name!r} already uses"
-        return Concept(name, tag), None
+        return Concept(name, tag), None  # its inferred type (types) serves negatives, not its rows' questions
 
-    def negatives_for(self, concept: Concept) -> list[Concept]:
-        """Other concepts of the dataset, for 'No' recognition pairs (sorted: reproducible draws)."""
-        if "pool" not in self._cache:  # resolved once per process, not per row
+    def resolve_all(self, value: Any) -> tuple[list[Concept], Optional[str]]:
+        """A row's concepts: one for a name (or none: the default), several for a list of names
+        (a multi-concept image); (concepts, None) or ([], reason)."""
+        names = list(dict.fromkeys(str(v).strip() for v in value if v is not None and str(v).strip())) \
+            if isinstance(value, (list, tuple)) else [value]
+        out = []
+        for name in names or [None]:
+            concept, why = self.resolve(name)
+            if concept is None:
+                return [], why
+            out.append(concept)
+        return out, None
+
+    def subject_type_of(self, concept: Concept) -> Optional[str]:
+        return concept.subject_type or self._cache["types"].get(concept.name)
+
+    def negative_pool(self) -> list[Concept]:
+        """Every concept found in the input, sorted (reproducible draws), resolved once per process."""
+        if "pool" not in self._cache:
             pool = [self.resolve(n)[0] for n in sorted(set(self.known))]
             self._cache["pool"] = [c for c in pool if c is not None]
-        return [c for c in self._cache["pool"] if c.tag != concept.tag]
+        return self._cache["pool"]
+
+    def negative_for(self, concept: Concept, rng, exclude: frozenset = frozenset()) -> tuple[Optional[Concept], str]:
+        """Another concept to ask about in a 'No' recognition pair, and why it was chosen: the most
+        similar by embedding (`similar`), else one with the same class phrase, else of the same
+        subject type (`same_type`), else any (`random`)."""
+        pool = [c for c in self.negative_pool() if c.tag != concept.tag and c.name not in exclude]
+        if not pool:
+            return None, ""
+        if self.negatives == "similar":
+            names = {c.name: c for c in pool}
+            ranked = [names[n] for n in self._cache["similar"].get(concept.name, ()) if n in names]
+            if ranked:
+                return rng.choice(ranked[:3]), "similar"
+        if self.negatives in ("same_type", "similar"):
+            if concept.class_phrase:
+                phrase = [c for c in pool if (c.class_phrase or "").lower() == concept.class_phrase.lower()]
+                if phrase:
+                    return rng.choice(phrase), "same_class_phrase"
+            st = self.subject_type_of(concept)
+            same = [c for c in pool if st and self.subject_type_of(c) == st]
+            if same:
+                return rng.choice(same), "same_type"
+        return rng.choice(pool), "random"
 
 
 @lru_cache(maxsize=4)

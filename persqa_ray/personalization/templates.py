@@ -1,8 +1,9 @@
 """Question templates (YAML data files, one per language) and the seeded draws from them.
 
 A file holds the prompts (system, user, MyVLM-style substitution, subject classification), the
-open-question families (appearance per subject type, activity and scene for every type) and the
-recognition templates with their label-built answers. `lint` refuses a file with duplicates,
+open-question families (appearance per subject type, activity and scene for every type), the
+recognition templates with their label-built answers, the multi-concept family, the caption of a
+reference image, and the text-only concept questions. `lint` refuses a file with duplicates,
 missing or unknown placeholders, or two sentences run together.
 """
 from __future__ import annotations
@@ -30,6 +31,26 @@ class Template:
 
     def render(self, tag: str) -> str:
         return self.text.replace("{tag}", tag)
+
+    def render_multi(self, tags: list[str], joined: str) -> str:
+        """A multi-concept question: {tags} is every tag joined, {tag1}/{tag2} the first two."""
+        return self.text.replace("{tags}", joined).replace("{tag1}", tags[0]).replace("{tag2}", tags[1])
+
+    def named_tags(self, tags: list[str]) -> list[str]:
+        """The tags a multi-concept question names (the answer must name each of them)."""
+        return list(tags) if "{tags}" in self.text else tags[:2]
+
+
+@dataclass(frozen=True)
+class Multi:
+    system_prompt: str
+    user_prompt: str
+    sep: str                          # how {tags} joins tags: "<a>, <b> and <c>"
+    last: str
+    templates: tuple[Template, ...]
+
+    def join(self, tags: list[str]) -> str:
+        return tags[0] if len(tags) == 1 else self.sep.join(tags[:-1]) + self.last + tags[-1]
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,9 @@ class TemplateSet:
     classify_labels: dict[str, str]   # subject type -> the label the model must answer with
     recognition: Recognition
     templates: tuple[Template, ...]
+    multi: Optional[Multi] = None     # None: the file has no multi-concept family
+    reference_caption: str = "This is {tag}."
+    text: tuple[Template, ...] = ()   # text-only concept questions
 
     def families_for(self, subject_type: Optional[str]) -> dict[str, list[Template]]:
         """Families usable for a subject type; unknown type: only families valid for every type."""
@@ -77,6 +101,15 @@ class TemplateError(ValueError):
 def _templates(items, family: str, subject_types) -> tuple[Template, ...]:
     return tuple(Template(id=str(t["id"]), family=family, text=str(t["text"]),
                           subject_types=tuple(subject_types)) for t in items)
+
+
+def _multi(spec: Optional[dict]) -> Optional[Multi]:
+    if not spec:
+        return None
+    joiner = spec.get("tags_joiner") or {}
+    return Multi(system_prompt=str(spec["system_prompt"]), user_prompt=str(spec["user_prompt"]),
+                 sep=str(joiner.get("sep", ", ")), last=str(joiner.get("last", " and ")),
+                 templates=_templates(spec["templates"], "multi", SUBJECT_TYPES))
 
 
 def parse_templates(data: dict, source: str = "<templates>") -> TemplateSet:
@@ -98,7 +131,9 @@ def parse_templates(data: dict, source: str = "<templates>") -> TemplateSet:
                 check_prompt=str(rec["check_prompt"]),
                 check_labels={str(k): str(v) for k, v in rec["check_labels"].items()},
                 templates=_templates(rec["templates"], "recognition", SUBJECT_TYPES)),
-            templates=templates)
+            templates=templates, multi=_multi(data.get("multi")),
+            reference_caption=str(data.get("reference_caption", "This is {tag}.")),
+            text=_templates((data.get("text") or {}).get("templates", []), "text", SUBJECT_TYPES))
     except (KeyError, TypeError, AttributeError) as e:
         raise TemplateError(f"{source}: malformed template file ({type(e).__name__}: {e})") from None
     problems = lint(ts)
@@ -121,23 +156,35 @@ def _placeholder_problems(name: str, text: str, allowed: set[str], required: set
     return out
 
 
-def lint(ts: TemplateSet) -> list[str]:
-    """Problems that would silently corrupt a dataset."""
+def _template_problems(templates, allowed: set[str], seen: tuple[set, set]) -> list[str]:
+    """Duplicates (ids and texts, across the whole file), placeholders, run-together sentences."""
+    seen_ids, seen_texts = seen
     problems = []
-    seen_ids, seen_texts = set(), set()
-    for t in ts.templates + ts.recognition.templates:
+    for t in templates:
         if t.id in seen_ids:
             problems.append(f"duplicate template id {t.id}")
         if t.text.strip().lower() in seen_texts:
             problems.append(f"duplicate template text {t.text!r}")
         seen_ids.add(t.id)
         seen_texts.add(t.text.strip().lower())
-        problems += _placeholder_problems(t.id, t.text, {"tag"}, {"tag"})
+        found = set(_PLACEHOLDER.findall(t.text))
+        problems += [f"{t.id}: unknown placeholder {{{p}}}" for p in sorted(found - allowed)]
+        if allowed == {"tag"} and "tag" not in found:
+            problems.append(f"{t.id}: no {{tag}} placeholder")
+        if allowed != {"tag"} and "tags" not in found and not {"tag1", "tag2"} <= found:
+            problems.append(f"{t.id}: a multi-concept question needs {{tags}} or both {{tag1}} and {{tag2}}")
         if len(_QUESTION_MARKS.findall(t.text)) > 1 or _JOINED.search(t.text.rstrip()):
             problems.append(f"{t.id}: two sentences run together (a missing comma between string "
                             f"literals?): {t.text!r}")
         if bad := set(t.subject_types) - set(SUBJECT_TYPES):
             problems.append(f"{t.id}: unknown subject types {sorted(bad)}")
+    return problems
+
+
+def lint(ts: TemplateSet) -> list[str]:
+    """Problems that would silently corrupt a dataset."""
+    seen: tuple[set, set] = (set(), set())
+    problems = _template_problems(ts.templates + ts.recognition.templates + ts.text, {"tag"}, seen)
     checks = [("system_prompt", ts.system_prompt, {"tag"}, {"tag"}),
               ("user_prompt", ts.user_prompt, {"tag", "question"}, {"tag", "question"}),
               ("pers_qa_format", ts.pers_qa_format, {"question", "answer"}, {"question", "answer"}),
@@ -147,7 +194,12 @@ def lint(ts: TemplateSet) -> list[str]:
               ("classify.user_prompt", ts.classify_user_prompt, set(), set()),
               ("recognition.yes_answer", ts.recognition.yes_answer, {"tag"}, {"tag"}),
               ("recognition.no_answer", ts.recognition.no_answer, {"tag"}, {"tag"}),
-              ("recognition.check_prompt", ts.recognition.check_prompt, {"question"}, {"question"})]
+              ("recognition.check_prompt", ts.recognition.check_prompt, {"question"}, {"question"}),
+              ("reference_caption", ts.reference_caption, {"tag"}, {"tag"})]
+    if ts.multi is not None:
+        problems += _template_problems(ts.multi.templates, {"tags", "tag1", "tag2"}, seen)
+        checks += [("multi.system_prompt", ts.multi.system_prompt, {"tags"}, {"tags"}),
+                   ("multi.user_prompt", ts.multi.user_prompt, {"tags", "question"}, {"tags", "question"})]
     for name, text, allowed, required in checks:
         problems += _placeholder_problems(name, text, allowed, required)
     if set(ts.classify_labels) != set(SUBJECT_TYPES):

@@ -18,11 +18,11 @@ from persqa_ray import schema
 from persqa_ray.config import ConfigError, PersQAConfig, load_config
 from persqa_ray.io.commits import WriteOptions
 from persqa_ray.io.duplicate_ids import find_duplicate_ids, remove_work
-from persqa_ray.io.outputs import open_output
+from persqa_ray.io.outputs import open_output, write_concepts
 from persqa_ray.io.resume import ResumeOptions
 from persqa_ray.io.summary import summarize, write_summary
 from persqa_ray.pipeline.cluster import init_ray, resolve_gpus, wait_for_engine_actors
-from persqa_ray.pipeline.concepts import discover_concepts
+from persqa_ray.pipeline.concepts import discover_concepts, with_concept_rows
 from persqa_ray.pipeline.executors import drive, on_ray
 from persqa_ray.pipeline.plan import Plan, plan
 from persqa_ray.pipeline.stage_list import stage_list
@@ -45,12 +45,12 @@ def _prepare(p: Plan) -> tuple[Plan, Optional[str]]:
     rows that lose a repeated id (a Ray Data aggregation; its results live under output.path/_work/)."""
     init_ray(p.config)
     p = discover_concepts(resolve_gpus(p))
-    cfg = p.config
-    if not cfg.input.id_column:
-        return p, None
-    so = dict(cfg.output.storage_options)
-    work = find_duplicate_ids(p.shards, p.read, cfg.output.path, so)
-    return dataclasses.replace(p, read=dataclasses.replace(p.read, dups_dir=work, output_storage_options=so)), work
+    cfg, work = p.config, None
+    if cfg.input.id_column:
+        so = dict(cfg.output.storage_options)
+        work = find_duplicate_ids(p.shards, p.read, cfg.output.path, so)
+        p = dataclasses.replace(p, read=dataclasses.replace(p.read, dups_dir=work, output_storage_options=so))
+    return with_concept_rows(p), work
 
 
 def build_dataset(config: Union[PersQAConfig, dict, str], _plan: Optional[Plan] = None) -> ray.data.Dataset:
@@ -77,6 +77,7 @@ def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> di
     try:
         started = time.time()
         p, work = _prepare(p)
+        write_concepts(cfg.output, p.personalization.registry)
         for w in p.warnings:
             log.warning("%s", w)
         stats = RunStats.remote()

@@ -226,6 +226,32 @@ class ImageDecoder:
         return np.asarray(im, dtype=np.uint8)
 
 
+class ReferenceImages:
+    """Reference images of concepts, decoded once per actor (the generate stage's): under the same
+    roots and limits as inputs, kept in a small LRU (a concept's images are asked for by every row
+    of that concept). A failure is remembered too, so a bad file is not read again per row."""
+
+    def __init__(self, opts: DecodeOptions, capacity: int = 256):
+        self.decoder, self.capacity = ImageDecoder(opts), capacity
+        self._cache: dict[str, Any] = {}
+
+    def get(self, ref: str) -> np.ndarray:
+        if ref not in self._cache:
+            try:
+                self._cache[ref] = self.decoder.decode(ref)
+            except ImageFailure as e:
+                self._cache[ref] = e
+            except Exception as e:  # noqa: BLE001 - one bad reference must not stop the job
+                self._cache[ref] = ImageFailure(schema.BAD_IMAGE, f"{ref}: unexpected {type(e).__name__}: {e}")
+            if len(self._cache) > self.capacity:
+                self._cache.pop(next(iter(self._cache)))
+        value = self._cache.pop(ref)
+        self._cache[ref] = value  # most recently used last
+        if isinstance(value, ImageFailure):
+            raise value
+        return value
+
+
 class DecodeStage:
     """Ray Data callable class: one per actor; batches in and out as pyarrow tables."""
 
@@ -236,10 +262,11 @@ class DecodeStage:
             import ray
             stats.actor_started.remote("decode", ray.get_runtime_context().get_node_id())
 
-    def _decode_row(self, refs: list[str]) -> tuple[list[bytes], list[list[int]]]:
-        if len(refs) > self.max_images:
+    def _decode_row(self, refs: list[str], n_references: int = 0) -> tuple[list[bytes], list[list[int]]]:
+        if len(refs) + n_references > self.max_images:
+            shown = f"{len(refs)} images" + (f" and {n_references} reference image(s)" if n_references else "")
             raise ImageFailure(schema.TOO_MANY_IMAGES,
-                               f"{len(refs)} images > engine.max_images_per_prompt={self.max_images}")
+                               f"{shown} > engine.max_images_per_prompt={self.max_images}")
         pixels, shapes = [], []
         for i, ref in enumerate(refs):
             try:
@@ -256,11 +283,13 @@ class DecodeStage:
         statuses = batch.column("status").to_pylist()
         errors = batch.column("error").to_pylist()
         all_pixels, all_shapes = [], []
+        n_refs = [len(r or []) for r in batch.column(schema.REF_IMAGES).to_pylist()] \
+            if schema.REF_IMAGES in batch.column_names else [0] * batch.num_rows
         for i, refs in enumerate(batch.column("image").to_pylist()):
             pixels, shapes = [], []
             if statuses[i] == schema.OK:
                 try:
-                    pixels, shapes = self._decode_row(refs or [])
+                    pixels, shapes = self._decode_row(refs or [], n_refs[i])
                 except ImageFailure as e:
                     statuses[i], errors[i] = e.status, str(e)
                 except Exception as e:  # noqa: BLE001 - a bug on one row must not stop the job

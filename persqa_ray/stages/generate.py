@@ -16,7 +16,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import pyarrow as pa
 
@@ -24,6 +24,7 @@ from persqa_ray import schema
 from persqa_ray.engines.base import EngineSpec, GenerationRequest, GenerationResult
 from persqa_ray.personalization.options import PersonalizationOptions
 from persqa_ray.stages.base import Stage
+from persqa_ray.stages.decode import DecodeOptions, ReferenceImages
 from persqa_ray.stages.qa_work import BatchWork
 
 if TYPE_CHECKING:
@@ -54,8 +55,10 @@ class GenerateOptions:
 
 class GenerateStage:
     def __init__(self, opts: GenerateOptions, personalization: PersonalizationOptions, stats: Any = None,
-                 engine: Any = None):
+                 engine: Any = None, references: Optional[DecodeOptions] = None):
         self.opts, self.pers, self.stats = opts, personalization, stats
+        # Reference images shown in prompts, decoded here once per concept (not carried by every row).
+        self.references = ReferenceImages(references) if references is not None else None
         self.engine_restarts = 0
         self.in_flight = self.max_in_flight = 0
         self._restart_lock = None
@@ -82,7 +85,7 @@ class GenerateStage:
                 self.stats.record_max.remote("max_batches_in_flight", self.max_in_flight)
         try:
             o = self.opts
-            work = BatchWork(batch, self.pers, o.seed, o.guided_prefix, o.max_retries)
+            work = BatchWork(batch, self.pers, o.seed, o.guided_prefix, o.max_retries, self.references)
             rounds = work.rounds()
             try:
                 requests = next(rounds)
@@ -151,8 +154,9 @@ class GenerateStage:
 def generate_stage(p: "Plan", stats: Any = None) -> Stage:
     e = p.config.engine
     return Stage(
-        "generate", GenerateStage, {"opts": p.generate, "personalization": p.personalization, "stats": stats},
-        needs=("row_id", "status", "error", "concept", "tag", "subject_type", "subject_type_source", schema.ITEMS,
-               schema.DETECT, schema.PIXELS, schema.SHAPES),
+        "generate", GenerateStage, {"opts": p.generate, "personalization": p.personalization, "stats": stats,
+                                    "references": p.decode if p.personalization.reference_images_in_prompt else None},
+        needs=("row_id", "status", "error", "concept", "tag", "image_concepts", "subject_type", "subject_type_source",
+               schema.ITEMS, schema.DETECT, schema.REF_IMAGES, schema.REF_CAPTIONS, schema.PIXELS, schema.SHAPES),
         adds=tuple(schema.OUTPUT_COLUMNS), batch_size=e.batch_size, pool=e.concurrency, in_flight=e.in_flight,
         num_cpus=e.num_cpus, num_gpus=e.gpus, resources=dict(e.resources), runtime_env=e.actor_env)

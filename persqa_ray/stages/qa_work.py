@@ -18,7 +18,7 @@ import pyarrow as pa
 from persqa_ray import schema
 from persqa_ray.engines.base import GenerationRequest, GenerationResult
 from persqa_ray.personalization.answers import accept_answer, check_label, check_request, format_pers_qa
-from persqa_ray.personalization.items import OPEN, RECOGNITION, items_after_detection
+from persqa_ray.personalization.items import ASKED, RECOGNITION, items_after_detection
 from persqa_ray.personalization.options import PersonalizationOptions
 from persqa_ray.personalization.subjects import classify_request, detected_subject
 
@@ -56,17 +56,32 @@ class QA:
 
 class BatchWork:
     def __init__(self, batch: pa.Table, pers: PersonalizationOptions, seed: int, guided_prefix: bool,
-                 max_retries: int):
+                 max_retries: int, references: Any = None):
         self.pers, self.seed, self.guided, self.max_retries = pers, seed, guided_prefix, max_retries
         self.cols = {name: batch.column(name).to_pylist() for name in
-                     ("row_id", "status", "error", "concept", "tag", "subject_type", "subject_type_source",
-                      schema.ITEMS, schema.DETECT)}
+                     ("row_id", "status", "error", "concept", "tag", "image_concepts", "subject_type",
+                      "subject_type_source", schema.ITEMS, schema.DETECT, schema.REF_IMAGES, schema.REF_CAPTIONS)}
         pixels = batch.column(schema.PIXELS).to_pylist()
         shapes = batch.column(schema.SHAPES).to_pylist()
+        self.refs = self._references(references)
         self.images = {i: _images(pixels[i], shapes[i])
                        for i, status in enumerate(self.cols["status"]) if status == schema.OK}
         self.detect_usage: dict[int, GenerationResult] = {}
         self.qas: list[QA] = []
+
+    def _references(self, loader) -> dict[int, tuple]:
+        """Each ok row's (image, caption) references, decoded by the stage's cache; a row whose
+        reference cannot be read becomes one bad_reference_image error row."""
+        from persqa_ray.stages.decode import ImageFailure
+        c, out = self.cols, {}
+        for i, paths in enumerate(c[schema.REF_IMAGES]):
+            if c["status"][i] != schema.OK or not paths:
+                continue
+            try:
+                out[i] = tuple((loader.get(p), cap) for p, cap in zip(paths, c[schema.REF_CAPTIONS][i]))
+            except ImageFailure as e:
+                c["status"][i], c["error"][i] = schema.BAD_REFERENCE, f"reference image: {e}"
+        return out
 
     def _seed(self, i: int, qa_index: int, attempt: int = 0) -> int:
         return request_seed(self.seed, self.cols["row_id"][i], qa_index, attempt)
@@ -96,9 +111,10 @@ class BatchWork:
 
     def _answer_request(self, qa: QA, attempt: int) -> GenerationRequest:
         it = qa.item
+        prefix = it["prefix"] or tuple(it["tags"] or ()) or None  # a multi-concept answer: one of its tags
         return GenerationRequest(system_prompt=it["system"], user_prompt=it["prompt"], images=self.images[qa.src],
-                                 seed=self._seed(qa.src, qa.qa_index, attempt),
-                                 answer_prefix=it["prefix"] if self.guided else None)
+                                 seed=self._seed(qa.src, qa.qa_index, attempt), references=self.refs.get(qa.src, ()),
+                                 answer_prefix=prefix if self.guided else None)
 
     def _apply_answer(self, qa: QA, attempt: int, res: GenerationResult) -> bool:
         """Record one answer; True if it must be asked again."""
@@ -120,7 +136,7 @@ class BatchWork:
             requests = [classify_request(self.pers, self.images[i], self._seed(i, -1)) for i in detect]
             self._apply_detection(detect, (yield requests))
         self._build_qas()
-        pending = [qa for qa in self.qas if qa.item is not None and qa.item["qa_type"] == OPEN]
+        pending = [qa for qa in self.qas if qa.item is not None and qa.item["qa_type"] in ASKED]
         checks = [qa for qa in self.qas if qa.item is not None and qa.item["check"]]
         for attempt in range(self.max_retries + 1):
             asked = checks if attempt == 0 else []
@@ -156,6 +172,8 @@ class BatchWork:
             "concept": [item(qa, "concept", c["concept"][qa.src]) for qa in qas],
             "tag": [item(qa, "tag", c["tag"][qa.src]) for qa in qas],
             "image_concept": [c["concept"][qa.src] for qa in qas],
+            "image_concepts": [c["image_concepts"][qa.src] for qa in qas],
+            "reference_images": [c[schema.REF_IMAGES][qa.src] or [] for qa in qas],
             "subject_type": [c["subject_type"][qa.src] for qa in qas],
             "subject_type_source": [c["subject_type_source"][qa.src] for qa in qas],
             "question": [item(qa, "question") for qa in qas],
@@ -164,6 +182,8 @@ class BatchWork:
                         for qa in qas],
             "template_id": [item(qa, "template_id") for qa in qas],
             "label": [item(qa, "label") for qa in qas],
+            "negative_concept": [qa.item["concept"] if qa.item and qa.item["label"] == "no" else None for qa in qas],
+            "negative_kind": [item(qa, "negative_kind") for qa in qas],
             "model_label": [qa.model_label for qa in qas],
             "status": [qa.status for qa in qas],
             "error": [qa.error for qa in qas],

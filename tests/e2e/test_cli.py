@@ -33,12 +33,12 @@ def test_partitions_counts_and_statuses(first_run):
     assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("_")) == \
         ["status=bad_image", "status=missing_image", "status=ok"]
     s = summary_of(out)
-    assert s["rows_in"] == manifest["rows"] == 22
+    assert s["rows_in"] == manifest["rows"] == 23
     assert s["rows_in"] == s["rows_ok"] + s["rows_error"]
     assert s["errors_by_status"] == {"bad_image": 1, "missing_image": 1}
-    assert s["rows_ok"] == 20 and s["qa_rows"] == 20 and s["duplicates"] == 0
+    assert s["rows_ok"] == 21 and s["qa_rows"] == 21 and s["duplicates"] == 0
     assert s["shards"] == 2 and s["shard_errors"] == {}
-    # The async engine had several batches in flight in its actor (22 rows, batches of 8).
+    # The async engine had several batches in flight in its actor (23 rows, batches of 8).
     assert s["max_batches_in_flight"] >= 2 and s["engine_restarts"] == 0
     assert s["seconds"] > 0 and s["rows_per_second"] > 0 and s["output_tokens"] > 0
 
@@ -46,7 +46,7 @@ def test_partitions_counts_and_statuses(first_run):
 def test_rows_follow_the_contract(first_run):
     work, _, _ = first_run
     rows = persqa_ray.read_output(str(work / "out")).to_pylist()
-    assert len(rows) == 22
+    assert len(rows) == 23
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["answer"].startswith("<mam>") for r in ok)
     assert all(r["pers_qa"] == f"Question: {r['question']} Answer: {r['answer']}" for r in ok)
@@ -91,7 +91,7 @@ def test_rerun_same_seed_same_questions_and_no_engine_left(first_run, demo_data,
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_clean_finish(proc, quiet=True)
     s = summary_of(work / "out2")
-    assert s["windows"] == 2 and s["consistent"] and s["duplicates"] == 0 and s["rows_in"] == 22
+    assert s["windows"] == 2 and s["consistent"] and s["duplicates"] == 0 and s["rows_in"] == 23
     cols = ["row_id", "question", "template_id", "pers_qa", "status"]
     a = {r["row_id"]: r for r in persqa_ray.read_output(str(work / "out"), cols).to_pylist()}
     b = {r["row_id"]: r for r in persqa_ray.read_output(str(work / "out2"), cols).to_pylist()}

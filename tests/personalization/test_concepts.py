@@ -1,4 +1,5 @@
 import copy
+import random
 
 import pytest
 
@@ -30,9 +31,45 @@ def test_resolve_registered_derived_default_and_refused():
 
 def test_negatives_are_other_concepts_of_the_input():
     r = registry()
-    assert [c.tag for c in r.negatives_for(r.resolve("bo")[0])] == ["<mam>", "<sks>"]
-    assert [c.tag for c in r.negatives_for(r.resolve(None)[0])] == ["<bo>", "<sks>"]
-    assert registry(known=("mam",)).negatives_for(Concept("mam", "<mam>")) == []  # one concept: none
+    rng = random.Random(0)
+    drawn = {r.negative_for(r.resolve("bo")[0], rng)[0].tag for _ in range(50)}
+    assert drawn == {"<mam>", "<sks>"}
+    assert r.negative_for(r.resolve("bo")[0], rng)[1] == "random"
+    assert registry(known=("mam",)).negative_for(Concept("mam", "<mam>"), rng) == (None, "")  # one concept: none
+    # the concepts shown in the image are never asked about as absent
+    assert r.negative_for(r.resolve("bo")[0], rng, exclude=frozenset({"mam"}))[0].tag == "<sks>"
+
+
+def test_hard_negatives_same_class_phrase_then_same_type_then_random():
+    reg = ConceptRegistry(default="mam", negatives="same_type", known=("chelsea", "eileen", "lumiere", "tom", "mug"),
+                          registered=(Concept("chelsea", "<chelsea>", "the cat", "animal"),
+                                      Concept("tom", "<tom>", "the cat", None),
+                                      Concept("eileen", "<eileen>", "the astronaut", "person")),
+                          types=(("lumiere", "person"), ("mug", "object")))
+    rng = random.Random(1)
+    for _ in range(20):
+        assert reg.negative_for(reg.resolve("chelsea")[0], rng) == (reg.resolve("tom")[0], "same_class_phrase")
+        assert reg.negative_for(reg.resolve("eileen")[0], rng) == (reg.resolve("lumiere")[0], "same_type")
+    concept, kind = reg.negative_for(reg.resolve("mug")[0], rng)   # the only object: no hard negative exists
+    assert kind == "random" and concept.name != "mug"
+
+
+def test_similar_negatives_follow_the_embedding_ranking():
+    reg = ConceptRegistry(default="mam", negatives="similar", known=("a", "b", "c", "d", "e"),
+                          similar=(("a", ("c", "b", "d", "e")),))
+    rng = random.Random(2)
+    got = {reg.negative_for(reg.resolve("a")[0], rng) for _ in range(60)}
+    assert {c.name for c, _ in got} == {"b", "c", "d"} and {k for _, k in got} == {"similar"}  # the 3 most similar
+    assert reg.negative_for(reg.resolve("b")[0], rng)[1] == "random"   # no embedding for b: no type either
+
+
+def test_a_list_of_names_is_a_multi_concept_row():
+    r = registry()
+    concepts, why = r.resolve_all(["bo", "sks", "bo", " "])
+    assert why is None and [c.tag for c in concepts] == ["<bo>", "<sks>"]   # de-duplicated, blanks dropped
+    assert r.resolve_all(None)[0][0].tag == "<mam>" and r.resolve_all([])[0][0].tag == "<mam>"
+    concepts, why = r.resolve_all(["bo", "two words"])
+    assert concepts == [] and "'two words'" in why
 
 
 def test_vocab_collisions_with_the_real_tokenizer(tiny_model):

@@ -44,5 +44,5 @@ def test_in_process_and_ray_data_give_the_same_rows(demo_data, tmp_path, tiny_mo
 
     def rows(t):
         return sorted(json.dumps([r[k] for k in key]) for r in t.select(list(key)).to_pylist())
-    assert local.num_rows == on_ray.num_rows == 20 * 3 + 2   # 20 ok rows x (2 open + 1 recognition) + 2 errors
+    assert local.num_rows == on_ray.num_rows == 21 * 3 + 2   # 21 ok rows x (2 open + 1 recognition) + 2 errors
     assert rows(local) == rows(on_ray)

@@ -109,3 +109,46 @@ def test_recognition_check_asks_yes_no_and_substitution_puts_tags_in(engine):
             assert "the dog" not in r["answer"].lower() and "the person" not in r["answer"].lower()
     assert ok[0]["tag"] == "<bo>" and ok[3]["tag"] == "<mam>"
     assert {r["concept"] for r in ok if r["label"] == "no"} == {"bo", "mam"}
+
+
+class Recorder:
+    """The real engine, with the requests it was given kept for the test to read."""
+
+    def __init__(self, engine):
+        self.engine, self.requests = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    async def agenerate(self, requests):
+        self.requests += list(requests)
+        return await self.engine.agenerate(requests)
+
+
+def test_reference_images_come_first_with_their_captions(engine, tmp_path):
+    from persqa_ray.stages.decode import DecodeOptions
+    refs = []
+    for i, box in enumerate([(0, 0, 300, 300), (120, 0, 451, 300)]):
+        refs.append(str(tmp_path / f"ref{i}.jpg"))
+        Image.fromarray(data.chelsea()).crop(box).save(refs[-1])
+    chelsea = Concept("chelsea", "<chelsea>", "the cat", "animal", tuple(refs))
+    pers = PersonalizationOptions("mam", 0, 1, "en", concepts=ConceptRegistry(default="mam", registered=(chelsea,)),
+                                  concept_column="who", reference_images_in_prompt=True, max_reference_images=2)
+    batch = decoded_batch(1, pers, who=["chelsea", None, "chelsea"])
+    decode = DecodeOptions(max_pixels=50176, min_pixels=3136, factor=28, max_aspect_ratio=150.0,
+                           max_decode_pixels=10**8, max_image_bytes=1 << 26, max_images=4,
+                           allowed_roots=(str(tmp_path),), allowed_schemes=("file",), storage_options={})
+    rec = Recorder(engine)
+    stage = GenerateStage(opts(), pers, engine=rec, references=decode)
+    rows = run_sync(stage(batch)).to_pylist()
+    first = rec.requests[0]   # row r0: one query image, two reference images of <chelsea>
+    assert len(first.all_images()) == 3 and first.all_images()[2] is first.images[0]
+    assert [cap for _, cap in first.references] == ["This is <chelsea>."] * 2
+    assert first.references[0][0].shape != first.references[1][0].shape          # the two crops, in order
+    prompt = engine.render_prompt(first)
+    assert prompt.count("<|vision_start|>") == 3
+    assert prompt.index("This is <chelsea>.") < prompt.rindex("<|vision_start|>") < prompt.index(first.user_prompt)
+    assert rows[0]["status"] == schema.OK and rows[0]["reference_images"] == refs
+    assert rows[0]["answer"].startswith("<chelsea>") and rows[1]["reference_images"] == []   # <mam>: none
+    # the engine saw them: row r0 (its image and two references) has more prompt tokens than r1 (two images)
+    assert rows[0]["num_input_tokens"] > rows[1]["num_input_tokens"]
