@@ -5,25 +5,25 @@ Every field has a description (`persqa-ray validate --explain` prints them); unk
 refused; a bad value is reported as `section.field: reason` before any work starts.
 """
 from persqa_ray.config.engines import (
-                                       ENGINE_KINDS,
-                                       EngineConfig,
-                                       OpenAIEngineConfig,
-                                       StandInEngineConfig,
-                                       VLLMEngineConfig,
+    ENGINE_KINDS,
+    EngineConfig,
+    OpenAIEngineConfig,
+    StandInEngineConfig,
+    VLLMEngineConfig,
 )
 from persqa_ray.config.errors import ConfigError
 from persqa_ray.config.loading import describe_fields, load_config, masked, parse_override
 from persqa_ray.config.root import PersQAConfig
 from persqa_ray.config.sections import (
-                                       PARTITIONABLE_COLUMNS,
-                                       TRANSIENT_STATUSES,
-                                       ConceptConfig,
-                                       ImageConfig,
-                                       InputConfig,
-                                       OutputConfig,
-                                       PromptConfig,
-                                       RayConfig,
-                                       RunConfig,
+    PARTITIONABLE_COLUMNS,
+    TRANSIENT_STATUSES,
+    ConceptConfig,
+    ImageConfig,
+    InputConfig,
+    OutputConfig,
+    PromptConfig,
+    RayConfig,
+    RunConfig,
 )
 
 __all__ = ["ConfigError", "PersQAConfig", "load_config", "masked", "describe_fields", "parse_override",

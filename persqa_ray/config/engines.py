@@ -67,10 +67,6 @@ class _EngineBase(_Section):
     def restart_budget(self) -> int:
         return 0  # engines that cannot die in-process (a server, the stand-in) are never rebuilt
 
-    @property
-    def actor_env(self) -> Optional[dict]:
-        return None
-
 
 class VLLMEngineConfig(_EngineBase):
     """vLLM in each engine actor: GPU in production (`pip install 'persqa_ray[gpu]'`), the CPU build
@@ -140,17 +136,6 @@ class VLLMEngineConfig(_EngineBase):
     @property
     def restart_budget(self) -> int:
         return self.max_restarts
-
-    @property
-    def actor_env(self) -> Optional[dict]:
-        # Ray's core worker kills an actor's child processes *before* it runs the UDF's teardown
-        # (`__ray_shutdown__` -> `__del__`), so vLLM's EngineCore and multiprocessing's resource
-        # tracker died under a live engine worker, which then printed KeyError tracebacks after a
-        # successful run. Off for vLLM actors, the engine is shut down in order by its own teardown;
-        # its processes still exit with the actor when it is killed (measured: within 2 s of
-        # ray.kill or SIGKILL).
-        return {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "0"}}
-
 
 class OpenAIEngineConfig(_EngineBase):
     """Any OpenAI-compatible server (`vllm serve`, SGLang, a hosted API), from CPU actors."""

@@ -131,6 +131,7 @@ class _VLLMBase:
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(engine_kwargs or {})
+        _detach_resource_tracker()
         self._children_before = _child_pids()  # the engine's processes are the ones started after
         with _spawn_without_user_main(), _environment(self.cpu_settings):
             self._start(kwargs)
@@ -330,6 +331,37 @@ def _stop_output_handler(allm, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not task.done() and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def _detach_resource_tracker() -> None:
+    """Start this process's multiprocessing resource tracker as nobody's child, before vLLM starts
+    its engine processes (which share it).
+
+    When a Ray actor exits, its core worker kills the actor's child processes before the UDF's
+    teardown runs. A tracker that is one of those children dies under vLLM's worker (a grandchild,
+    which lives on to clean up): the worker then relaunches an empty tracker, which prints a
+    KeyError traceback for every shared-memory name it never saw, after a successful run. Started
+    in the background by a shell that exits at once, the tracker is no one's child, so it lives as
+    long as a process holds its pipe (this one, EngineCore, the worker) and exits after the last.
+    Ray's killing of the engine processes themselves stays as it is: nothing is left behind when
+    an actor dies."""
+    import subprocess
+    from multiprocessing import resource_tracker, spawn, util
+    tracker = resource_tracker._resource_tracker
+    if getattr(tracker, "_fd", None) is not None:
+        return  # already running for this process
+    r, w = os.pipe()
+    try:
+        cmd = [spawn.get_executable(), *util._args_from_interpreter_flags(), "-c",
+               f"from multiprocessing.resource_tracker import main; main({r})"]
+        subprocess.run(["/bin/sh", "-c", 'exec "$@" </dev/null &', "sh", *cmd], pass_fds=(r,), check=True)
+    except (OSError, subprocess.SubprocessError):
+        os.close(w)
+        log.debug("could not start a detached resource tracker", exc_info=True)
+        return
+    finally:
+        os.close(r)
+    tracker._fd, tracker._pid = w, None
 
 
 def _child_pids() -> set[int]:

@@ -76,6 +76,7 @@ def normalize_row(record: Any, shard: str, position: int, opts: ReadOptions) -> 
             row[schema.input_column_name(key)] = value
     if opts.concept_column:  # a name or a list of names (a multi-concept image), whatever the rest of the column holds
         row[schema.CONCEPTS] = concept_names(record.get(opts.concept_column))
+
     if opts.image_column not in record:
         row.update(status=schema.MISSING_COLUMN,
                    error=f"{os.path.basename(shard)} row {position}: no '{opts.image_column}' column")
@@ -168,30 +169,33 @@ def _parquet_records(f, shard: str, opts: ReadOptions, skip=_never) -> Iterator[
 
 
 def _column(values: list) -> pa.Array:
+    """One input column of a block. Nested values (lists, objects) are kept as JSON text, always:
+    a column that is a list in one row and a name in another would otherwise take a different type
+    in different blocks, which Ray cannot merge into one schema (the job would stop). Mixed scalar
+    kinds within a block (an int here, a string there) become JSON text too, rather than losing the
+    batch."""
+    if any(isinstance(v, (list, tuple, dict)) for v in values):
+        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in values],
+                        pa.string())
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        # An input column with mixed types across rows (an int here, a string there): keep its
-        # values as JSON text rather than losing the batch.
         return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in values],
                         pa.string())
+
+
+# Our own columns, with fixed types (a batch of only error rows would infer null types).
+_FIXED_TYPES = {"row_id": pa.string(), "image": pa.list_(pa.string()), "status": pa.string(), "error": pa.string(),
+                schema.SOURCE: pa.string(), schema.POSITION: pa.int64(), schema.REPLACES: pa.string(),
+                schema.CONCEPTS: pa.list_(pa.string())}
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
     # Every key of every row becomes a column (pa.Table.from_pylist would keep only the first
     # row's keys and silently drop columns that appear later).
     names = list(dict.fromkeys(k for r in rows for k in r))
-    table = pa.table({n: _column([r.get(n) for r in rows]) for n in names})
-    # Pin the types of our own columns (a batch of only error rows would infer null types).
-    fixed = {"row_id": pa.string(), "image": pa.list_(pa.string()), "status": pa.string(),
-             "error": pa.string(), schema.SOURCE: pa.string(), schema.POSITION: pa.int64(),
-             schema.REPLACES: pa.string(), schema.CONCEPTS: pa.list_(pa.string())}
-    for name, typ in fixed.items():
-        if name not in table.column_names:
-            continue
-        i = table.schema.get_field_index(name)
-        table = table.set_column(i, name, table.column(name).cast(typ))
-    return table
+    return pa.table({n: pa.array([r.get(n) for r in rows], _FIXED_TYPES[n]) if n in _FIXED_TYPES
+                     else _column([r.get(n) for r in rows]) for n in names})
 
 
 def _mark_duplicates(rows: list[dict], dup_positions: set[int]) -> None:

@@ -10,6 +10,7 @@ concept (O(concepts), never O(rows)).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -60,6 +61,11 @@ def _accumulate(acc: dict, table: pa.Table, column: str, type_column: Optional[s
         a = acc[names[0]]
         if isinstance(st, str) and st.strip().lower() in SUBJECT_TYPES:
             a["votes"][st.strip().lower()] += 1
+        if isinstance(emb, str):  # input columns carry nested values as JSON text (io/readers._column)
+            try:
+                emb = json.loads(emb)
+            except ValueError:
+                emb = None
         if isinstance(emb, (list, tuple)) and emb and all(isinstance(x, (int, float)) for x in emb):
             v = np.asarray(emb, dtype=np.float64)
             if a["emb"] is None or a["emb"].shape == v.shape:

@@ -159,4 +159,4 @@ def generate_stage(p: "Plan", stats: Any = None) -> Stage:
         needs=("row_id", "status", "error", "concept", "tag", "image_concepts", "subject_type", "subject_type_source",
                schema.ITEMS, schema.DETECT, schema.REF_IMAGES, schema.REF_CAPTIONS, schema.PIXELS, schema.SHAPES),
         adds=tuple(schema.OUTPUT_COLUMNS), batch_size=e.batch_size, pool=e.concurrency, in_flight=e.in_flight,
-        num_cpus=e.num_cpus, num_gpus=e.gpus, resources=dict(e.resources), runtime_env=e.actor_env)
+        num_cpus=e.num_cpus, num_gpus=e.gpus, resources=dict(e.resources))

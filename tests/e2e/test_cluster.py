@@ -63,6 +63,7 @@ def test_ray_job_submit_runs_the_demo_job(cluster, demo_data, tiny_model, tmp_pa
         "job", "submit", "--address", cluster.dashboard, "--submission-id", sid, "--no-wait",
         "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}),
         "--", "python", "-m", "persqa_ray", "run", "configs/demo.yaml", "--set", f"input.path={data_dir}",
+        "--set", f"input.concepts_table={data_dir}/_concepts/concepts.jsonl",
         "--set", f"engine.model={tiny_model}", "--set", f"output.path={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     status = _wait_job(cluster, sid)
@@ -70,8 +71,11 @@ def test_ray_job_submit_runs_the_demo_job(cluster, demo_data, tiny_model, tmp_pa
     assert f"'{sid}' succeeded" in status, logs[-4000:]
     assert "rows_in == rows_ok + rows_error: True" in logs
     s = summary_of(out)
-    assert s["rows_in"] == manifest["rows"] == s["rows_ok"] + s["rows_error"] and s["duplicates"] == 0
-    assert s["qa_rows_by_type"]["recognition"] == 2 * s["rows_ok"]  # the demo config as shipped
+    # the demo config as shipped: the input rows plus one row per concept asked text-only questions
+    assert s["rows_in"] == manifest["rows"] + s["text_qa_concepts"] == s["rows_ok"] + s["rows_error"]
+    assert s["duplicates"] == 0 and s["text_qa_concepts"] == 2
+    assert s["recognition_labels"]["yes"] == s["recognition_labels"]["no"] > 0
+    assert {"open", "recognition", "text"} <= set(s["qa_rows_by_type"])
 
 
 NOTEBOOK = r"""
@@ -133,9 +137,10 @@ def test_two_nodes_s3_in_and_out_with_custom_resources(cluster, s3, demo_data, t
     assert proc.stdout.startswith("{") and "Starting execution" not in proc.stderr + proc.stdout
     lines = proc.stdout.splitlines()
     s = json.loads("\n".join(lines[len(lines) - 1 - lines[::-1].index("{"):]))  # the summary: the last JSON object
-    rows_in = manifest["rows"] + 3
+    rows_in = manifest["rows"] + 3 + 2   # 3 rows naming s3:// images, 2 concept rows of text-only QA
     assert s["rows_in"] == rows_in == s["rows_ok"] + s["rows_error"] and s["duplicates"] == 0
-    assert s["errors_by_status"] == {"bad_image": 1, "missing_image": 2}
+    assert s["errors_by_status"]["bad_image"] == 1 and s["errors_by_status"]["missing_image"] == 2
+    assert set(s["errors_by_status"]) <= {"bad_image", "missing_image", "invalid_output"}
     # decode ran only on the second node, generate only on the head: no stage needed the driver's files
     assert len(s["nodes"]["decode"]) == 1 and len(s["nodes"]["generate"]) == 1
     assert s["nodes"]["decode"] != s["nodes"]["generate"]
@@ -145,7 +150,8 @@ def test_two_nodes_s3_in_and_out_with_custom_resources(cluster, s3, demo_data, t
                          exclude_invalid_files=True).to_table()
     assert len(set(table.column("row_id").to_pylist())) == rows_in
     assert s3.fs().exists(f"{BUCKET}/out/_summary.json")
-    assert {p.split("/")[-1] for p in s3.fs().ls(f"{BUCKET}/out/status=ok")} == {"qa_type=open", "qa_type=recognition"}
+    assert {p.split("/")[-1] for p in s3.fs().ls(f"{BUCKET}/out/status=ok")} >= \
+        {"qa_type=open", "qa_type=recognition", "qa_type=text"}
     url_rows = [r for r in table.to_pylist() if r["image"][0].startswith(f"s3://{BUCKET}/in/images/horse")]
     assert url_rows and all(r["status"] == "ok" for r in url_rows)   # fetched by the decode stage
     # the export works on an s3:// output and writes to s3://

@@ -131,3 +131,15 @@ def test_relative_reference_in_an_s3_shard_resolves_before_the_root_check():
     row = normalize_row({"image": ["../../other-bucket/secret.jpg", "img/ok.jpg"]}, "s3://inputs/in/a.jsonl", 0,
                         opts())
     assert row["image"] == ["s3://other-bucket/secret.jpg", "s3://inputs/in/img/ok.jpg"]
+
+
+def test_an_input_column_keeps_one_type_in_every_block():
+    """A column that holds a name in one row and a list in another (a concept column with a
+    multi-concept row) must take the same type in every block, or Ray cannot merge the blocks and
+    the whole job stops: nested values are kept as JSON text."""
+    from persqa_ray.io.readers import rows_to_table
+    one = rows_to_table([{"row_id": "a", "concept": "eileen", "n": 1}])
+    other = rows_to_table([{"row_id": "b", "concept": ["eileen", "chelsea"], "n": 2}])
+    assert one.schema.field("concept").type == other.schema.field("concept").type == pa.string()
+    assert other.column("concept").to_pylist() == ['["eileen", "chelsea"]']
+    assert pa.concat_tables([one, other]).num_rows == 2
