@@ -13,10 +13,8 @@ import asyncio
 import inspect
 import logging
 import os
-import sys
 import time
 import uuid
-from contextlib import contextmanager
 from typing import Any, Optional, Sequence
 
 from persqa_ray.engines.base import (
@@ -27,32 +25,10 @@ from persqa_ray.engines.base import (
     chat_messages,
     prefix_regex,
 )
+from persqa_ray.engines.engine_processes import descendants, engine_start, no_resource_tracker, wait_for_exit
 from persqa_ray.versions import check_vllm
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _spawn_without_user_main():
-    """Start engine processes without re-running the user's script in them.
-
-    vLLM's CPU platform always starts its engine process with multiprocessing 'spawn', which
-    re-imports the parent's __main__ (by path or module name) in the child. A notebook has no
-    __main__ file, but a plain script like DataFlow-MM's documented example has no
-    `if __name__ == "__main__":` guard, so the child would run the whole script again and fail.
-    The engine process needs nothing from the user's main module, so hide it while starting.
-    """
-    main = sys.modules.get("__main__")
-    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if main is not None and hasattr(main, k)}
-    try:
-        if "__file__" in saved:
-            del main.__file__
-        if "__spec__" in saved:
-            main.__spec__ = None
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(main, k, v)
 
 
 def available_memory_gib() -> float:
@@ -77,16 +53,6 @@ def cpu_engine_settings() -> dict[str, str]:
     if (os.cpu_count() or 1) <= 8:
         settings["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return settings
-
-
-@contextmanager
-def _environment(settings: dict[str, str]):
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for k in settings:
-            os.environ.pop(k, None)
 
 
 def build(async_engine: bool = False, **options) -> "_VLLMBase":
@@ -131,9 +97,9 @@ class _VLLMBase:
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(engine_kwargs or {})
-        _detach_resource_tracker()
-        self._children_before = _child_pids()  # the engine's processes are the ones started after
-        with _spawn_without_user_main(), _environment(self.cpu_settings):
+        no_resource_tracker()
+        self._children_before = {p.pid for p in descendants()}  # the engine's are those started after
+        with engine_start(self.cpu_settings):
             self._start(kwargs)
         self.tokenizer = self._load_tokenizer(model)
         # vLLM's CPU backend kills its engine process when a request with its own seed is partly
@@ -195,12 +161,12 @@ class _VLLMBase:
             return
         # Every engine process, taken before any is signalled: once EngineCore exits its worker is
         # re-parented and no longer shows among this process's children, but must still be waited for.
-        engine_procs = _engine_processes(getattr(self, "_children_before", set()))
+        engine_procs = descendants(getattr(self, "_children_before", set()))
         try:
             self._stop(engine)
         except Exception:  # noqa: BLE001 - best effort on the way out
             log.debug("engine shutdown raised", exc_info=True)
-        _wait_for_exit(engine_procs)
+        wait_for_exit(engine_procs)
 
 
 class VLLMEngine(_VLLMBase, SyncEngine):
@@ -331,80 +297,3 @@ def _stop_output_handler(allm, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not task.done() and time.monotonic() < deadline:
         time.sleep(0.01)
-
-
-def _detach_resource_tracker() -> None:
-    """Start this process's multiprocessing resource tracker as nobody's child, before vLLM starts
-    its engine processes (which share it).
-
-    When a Ray actor exits, its core worker kills the actor's child processes before the UDF's
-    teardown runs. A tracker that is one of those children dies under vLLM's worker (a grandchild,
-    which lives on to clean up): the worker then relaunches an empty tracker, which prints a
-    KeyError traceback for every shared-memory name it never saw, after a successful run. Started
-    in the background by a shell that exits at once, the tracker is no one's child, so it lives as
-    long as a process holds its pipe (this one, EngineCore, the worker) and exits after the last.
-    Ray's killing of the engine processes themselves stays as it is: nothing is left behind when
-    an actor dies."""
-    import subprocess
-    from multiprocessing import resource_tracker, spawn, util
-    tracker = resource_tracker._resource_tracker
-    if getattr(tracker, "_fd", None) is not None:
-        return  # already running for this process
-    r, w = os.pipe()
-    try:
-        cmd = [spawn.get_executable(), *util._args_from_interpreter_flags(), "-c",
-               f"from multiprocessing.resource_tracker import main; main({r})"]
-        subprocess.run(["/bin/sh", "-c", 'exec "$@" </dev/null &', "sh", *cmd], pass_fds=(r,), check=True)
-    except (OSError, subprocess.SubprocessError):
-        os.close(w)
-        log.debug("could not start a detached resource tracker", exc_info=True)
-        return
-    finally:
-        os.close(r)
-    tracker._fd, tracker._pid = w, None
-
-
-def _child_pids() -> set[int]:
-    try:
-        import psutil
-        return {p.pid for p in psutil.Process().children(recursive=True)}
-    except Exception:  # noqa: BLE001 - psutil missing: nothing to wait for later
-        return set()
-
-
-def _engine_processes(before: set[int]) -> list:
-    """The engine's processes (EngineCore and its workers): this process's descendants started
-    after `before` was taken, except multiprocessing's resource tracker (ours, not the engine's)."""
-    try:
-        from multiprocessing import resource_tracker
-
-        import psutil
-        tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
-        return [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.pid != tracker]
-    except Exception:  # noqa: BLE001 - psutil missing: nothing to wait for
-        return []
-
-
-def _wait_for_exit(procs: list, timeout_s: float = 8.0) -> None:
-    """Return once the engine's processes have exited.
-
-    vLLM's shutdown returns when it has signalled EngineCore, while EngineCore's worker is still
-    exiting. If this process (a Ray actor) exits first, Ray kills its children, the shared
-    `resource_tracker` among them; the worker then relaunches a tracker that knows none of its
-    shared-memory names and prints a KeyError traceback for each, after a successful run's
-    summary. The worker is a grandchild, re-parented when EngineCore exits, so the processes are
-    taken before shutdown (`_engine_processes`) and waited for by handle, not found again."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not [p for p in procs if _running(p)]:
-            return
-        time.sleep(0.05)
-    log.debug("engine processes still running after %.0f s", timeout_s)
-
-
-def _running(p) -> bool:
-    import psutil
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False

@@ -56,7 +56,14 @@ def test_readme_notebook_snippet_as_written(tmp_path, tiny_model, repo_root):
     import re
     counts = [line for line in proc.stdout.splitlines() if re.fullmatch(r"\d+ \d+ \d+", line.strip())]
     rows_in, rows_ok, table_rows = map(int, counts[-1].split())
-    assert rows_in == manifest["rows"] and rows_ok == manifest["rows"] - 2
+    import json
+    s = json.loads((tmp_path / "nb_output" / "_summary.json").read_text())
+    # Every input row plus one row per concept for the demo's text-only concept QA.
+    assert s["text_qa_concepts"] == 2 and rows_in == manifest["rows"] + 2
+    errors = sum(s["errors_by_status"].values())
+    assert rows_ok == rows_in - errors and s["errors_by_status"]["bad_image"] == 1
+    assert s["errors_by_status"]["missing_image"] == 1
+    assert set(s["errors_by_status"]) <= {"bad_image", "missing_image", "invalid_output"}  # the random model
     assert table_rows > rows_in  # the demo config's recognition pairs: more QA rows than inputs
     import pyarrow.dataset as pads
     assert pads.dataset(str(tmp_path / "nb_parquet"), format="parquet").count_rows() == table_rows
