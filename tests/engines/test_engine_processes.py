@@ -33,17 +33,19 @@ def test_engine_processes_die_with_a_killed_owner(tmp_path, tiny_model):
         deadline = time.time() + 300
         while not line.startswith("PIDS") and time.time() < deadline and owner.poll() is None:
             line = owner.stdout.readline()
-        pids = [int(p) for p in line.split()[1:]]
-        engine = [psutil.Process(p) for p in pids]
+        engine = [psutil.Process(int(p)) for p in line.split()[1:]]
         assert any("EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()) for p in engine), line
         owner.kill()  # SIGKILL: no teardown runs in the owner
         owner.wait(timeout=30)
         gone, alive = psutil.wait_procs(engine, timeout=20)
         assert alive == [], [p.pid for p in alive]
     finally:
+        # Only the owner's processes (orphans too, when it fails): the session's shared engine is
+        # this test process's child as well.
         if owner.poll() is None:
+            engine += psutil.Process(owner.pid).children(recursive=True)
             owner.kill()
-        for p in engine + psutil.Process().children(recursive=True):  # orphans too, when it fails
+        for p in engine:
             try:
                 p.kill()
             except psutil.Error:
