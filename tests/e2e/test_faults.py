@@ -62,12 +62,14 @@ def test_killed_engine_process_is_recreated(tmp_path, tiny_model):
     retries the batch; the run completes and no engine process is left."""
     import make_demo_data
     data = tmp_path / "data"
-    manifest = make_demo_data.make(data, rows=60)
+    manifest = make_demo_data.make(data, rows=150)
     out = tmp_path / "out"
+    # Large images and long answers: the run must still be generating when its first blocks are
+    # committed (with 60 small rows, generation was sometimes over by the second commit).
     cfg = demo_config(data, out, tiny_model, input={"block_rows": 2}, engine={"batch_size": 2, "max_tokens": 96},
-                      image={"batch_size": 2})
+                      image={"batch_size": 2, "max_pixels": 1003520})
     with cli_running(["run", str(write_config(tmp_path / "r.yaml", cfg)), "--quiet"], tmp_path) as proc:
-        wait_for_commits(proc, out, 2)
+        wait_for_commits(proc, out, 1)
         os.kill(_engine_core_pid(proc), signal.SIGKILL)  # this run's (waits for it if it is starting)
         stdout, stderr = proc.communicate(timeout=400)
     assert proc.returncode == 0, stderr[-4000:]
