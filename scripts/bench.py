@@ -396,7 +396,7 @@ def main() -> None:
         Path(a.out).write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         return
-    shard = make_inputs(work, a.n, a.distinct)
+    shard = make_inputs(work / "inputs", a.n, a.distinct)  # outputs beside it, never inside an input
     results = []
     for name in a.contenders.split(","):
         if name in ("bare", "engine", "raydata"):
