@@ -97,15 +97,17 @@ def _standin_run(work: Path, name: str, inputs: Path, out: Path, env: dict, bloc
         cfg["run"] = {"window_rows": window_rows}
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    secs, rss, text, driver, pss = run_measured(
+    secs, rss, text, driver, pss, driver_uss, driver_pss, driver_no_store, pss_no_store = run_measured(
         [sys.executable, "-m", "persqa_ray", "run", str(cfg_path), "--json", "--quiet"], work, env, driver=True)
     s = json.loads(text[text.index("{"):])
     r = {"rows_in": s["rows_in"], "rows_generated": s["rows_in"] - s["rows_resumed"],
          "rows_resumed": s["rows_resumed"], "consistent": s["consistent"], "duplicates": s["duplicates"],
          "block_rows": block_rows, "windows": s.get("windows", 1),
          "seconds": round(secs, 1), "pipeline_seconds": s["seconds"],
-         "driver_peak_rss_gib": round(driver, 3), "tree_peak_rss_gib": round(rss, 3),
-         "tree_peak_pss_gib": round(pss, 3)}
+         "driver_peak_rss_gib": round(driver, 3), "driver_peak_uss_gib": round(driver_uss, 3),
+         "driver_peak_pss_gib": round(driver_pss, 3), "driver_peak_rss_no_store_gib": round(driver_no_store, 3),
+         "tree_peak_rss_gib": round(rss, 3),
+         "tree_peak_pss_gib": round(pss, 3), "tree_peak_pss_no_store_gib": round(pss_no_store, 3)}
     print(f"[bench] {name}: {r}", file=sys.stderr)
     return r
 
@@ -283,10 +285,14 @@ def ray_data_llm(shard: str, model: str, max_tokens: int, max_pixels: int, gpu: 
 
 
 def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float = 3600, driver: bool = False):
-    """(seconds, peak RSS GiB of the process tree, stdout[, peak RSS GiB of the child itself, peak
-    PSS GiB of the tree]). RSS summed over processes counts a shared page (Ray's object store,
-    mapped by every worker) once per process that touched it; PSS splits it among them, so the
-    PSS sum is the tree's real footprint.
+    """(seconds, peak RSS GiB of the process tree, stdout[, then for the child (the driver): peak
+    RSS, the tree's peak PSS, the child's peak USS, PSS and RSS less its object-store pages, and the
+    tree's peak PSS less the object store's pages], all GiB). RSS summed over processes counts a
+    shared page (Ray's object store, mapped by every worker) once per process that touched it; PSS
+    splits it among them, so the PSS sum is the tree's real footprint. The child's own RSS includes
+    the store's pages it has touched (bounded by the store's size, and shared); its USS is its
+    private memory. The store's pages are counted apart because a capped store fills over a long
+    run (its allocator touches new pages) whatever the rows: that is the store, not growth.
     The child runs in its own process group, killed whole on timeout or when this process is
     interrupted."""
     import signal
@@ -295,17 +301,17 @@ def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float = 3600, dr
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
                             start_new_session=True)
     try:
-        secs, tree, out, own, pss = _measure(proc, t0, timeout)
-        return (secs, tree, out, own, pss) if driver else (secs, tree, out)
+        secs, tree, out, *own = _measure(proc, t0, timeout)
+        return (secs, tree, out, *own) if driver else (secs, tree, out)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 
-def _measure(proc, t0: float, timeout: float) -> tuple[float, float, str, float, float]:
+def _measure(proc, t0: float, timeout: float) -> tuple:
     import psutil
-    peak = own = peak_pss = 0
+    peak = own = peak_pss = own_uss = own_pss = own_no_store = peak_pss_no_store = 0
     root = psutil.Process(proc.pid)
     last_pss = 0.0
     while proc.poll() is None:
@@ -318,6 +324,12 @@ def _measure(proc, t0: float, timeout: float) -> tuple[float, float, str, float,
             if time.time() - last_pss >= 1.0:  # smaps_rollup per process: sampled once a second
                 last_pss = time.time()
                 peak_pss = max(peak_pss, sum(_pss(p) for p in procs))
+                # The tree without the object store's pages: what grows with rows, not the store's fill.
+                peak_pss_no_store = max(peak_pss_no_store,
+                                        sum(_pss(p) - _store_rss(p.pid, "Pss:") for p in procs))
+                full = root.memory_full_info()
+                own_uss, own_pss = max(own_uss, full.uss), max(own_pss, full.pss)
+                own_no_store = max(own_no_store, root.memory_info().rss - _store_rss(root.pid))
         except psutil.Error:
             pass
         time.sleep(0.2)
@@ -325,7 +337,25 @@ def _measure(proc, t0: float, timeout: float) -> tuple[float, float, str, float,
     if proc.returncode != 0:
         raise RuntimeError(f"{proc.args[:4]} failed ({proc.returncode}): {out[-2000:]} "
                            "(its stderr: contender-*.err in the work dir)")
-    return time.time() - t0, peak / 2**30, out, own / 2**30, peak_pss / 2**30
+    return (time.time() - t0, peak / 2**30, out, own / 2**30, peak_pss / 2**30, own_uss / 2**30,
+            own_pss / 2**30, own_no_store / 2**30, peak_pss_no_store / 2**30)
+
+
+def _store_rss(pid: int, field: str = "Rss:") -> int:
+    """Bytes of Ray's shared object store (/dev/shm/plasma*) in a process's RSS (or PSS, with
+    field="Pss:")."""
+    total, in_store = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(maxsplit=6)
+                if head and not head[0].endswith(":"):  # a mapping's first line: range perms ... path
+                    in_store = len(head) > 5 and head[5].startswith("/dev/shm/plasma")
+                elif in_store and head[0] == field:
+                    total += int(head[1]) * 1024
+    except OSError:  # a process that ended between listing and reading
+        return 0
+    return total
 
 
 def _pss(p) -> int:
@@ -387,9 +417,11 @@ def main() -> None:
         first, last = results[0], results[-1]
         report = {"mode": "memory", "engine": "standin (benchmark instrument: no model)",
                   "cpu_count": os.cpu_count(), "results": results,
-                  "driver_ratio_last_to_first": round(last["driver_peak_rss_gib"] / first["driver_peak_rss_gib"], 3),
-                  "tree_ratio_last_to_first": round(last["tree_peak_rss_gib"] / first["tree_peak_rss_gib"], 3),
-                  "tree_pss_ratio_last_to_first": round(last["tree_peak_pss_gib"] / first["tree_peak_pss_gib"], 3)}
+                  **{f"{who}_{kind}_ratio_last_to_first": round(last[f"{who}_peak_{kind}_gib"] /
+                                                                first[f"{who}_peak_{kind}_gib"], 3)
+                     for who, kinds in (("driver", ("rss", "uss", "pss", "rss_no_store")),
+                                        ("tree", ("rss", "pss", "pss_no_store")))
+                     for kind in kinds}}
         if a.resume:
             report["resume"] = resume_bench(work, sizes[-1], env,
                                             work / f"mem-out-{sizes[-1]}-b{a.block_rows}-w{a.window_rows}")
