@@ -291,8 +291,8 @@ def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float = 3600, dr
     shared page (Ray's object store, mapped by every worker) once per process that touched it; PSS
     splits it among them, so the PSS sum is the tree's real footprint. The child's own RSS includes
     the store's pages it has touched (bounded by the store's size, and shared); its USS is its
-    private memory. The store's pages are counted apart because a capped store fills over a long
-    run (its allocator touches new pages) whatever the rows: that is the store, not growth.
+    private memory. The store's pages are also counted apart: they are the store's (bounded by its
+    size, shared by every worker), not a process's own growth.
     The child runs in its own process group, killed whole on timeout or when this process is
     interrupted."""
     import signal
@@ -324,7 +324,7 @@ def _measure(proc, t0: float, timeout: float) -> tuple:
             if time.time() - last_pss >= 1.0:  # smaps_rollup per process: sampled once a second
                 last_pss = time.time()
                 peak_pss = max(peak_pss, sum(_pss(p) for p in procs))
-                # The tree without the object store's pages: what grows with rows, not the store's fill.
+                # The tree without the object store's pages: what its processes hold themselves.
                 peak_pss_no_store = max(peak_pss_no_store,
                                         sum(_pss(p) - _store_rss(p.pid, "Pss:") for p in procs))
                 full = root.memory_full_info()
@@ -349,7 +349,9 @@ def _store_rss(pid: int, field: str = "Rss:") -> int:
         with open(f"/proc/{pid}/smaps") as f:
             for line in f:
                 head = line.split(maxsplit=6)
-                if head and not head[0].endswith(":"):  # a mapping's first line: range perms ... path
+                if not head:
+                    continue
+                if not head[0].endswith(":"):  # a mapping's first line: range perms ... path
                     in_store = len(head) > 5 and head[5].startswith("/dev/shm/plasma")
                 elif in_store and head[0] == field:
                     total += int(head[1]) * 1024
