@@ -97,17 +97,14 @@ def _standin_run(work: Path, name: str, inputs: Path, out: Path, env: dict, bloc
         cfg["run"] = {"window_rows": window_rows}
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    secs, rss, text, driver, pss, driver_uss, driver_pss, driver_no_store, pss_no_store = run_measured(
+    secs, _, text, peaks = run_measured(
         [sys.executable, "-m", "persqa_ray", "run", str(cfg_path), "--json", "--quiet"], work, env, driver=True)
     s = json.loads(text[text.index("{"):])
     r = {"rows_in": s["rows_in"], "rows_generated": s["rows_in"] - s["rows_resumed"],
          "rows_resumed": s["rows_resumed"], "consistent": s["consistent"], "duplicates": s["duplicates"],
          "block_rows": block_rows, "windows": s.get("windows", 1),
          "seconds": round(secs, 1), "pipeline_seconds": s["seconds"],
-         "driver_peak_rss_gib": round(driver, 3), "driver_peak_uss_gib": round(driver_uss, 3),
-         "driver_peak_pss_gib": round(driver_pss, 3), "driver_peak_rss_no_store_gib": round(driver_no_store, 3),
-         "tree_peak_rss_gib": round(rss, 3),
-         "tree_peak_pss_gib": round(pss, 3), "tree_peak_pss_no_store_gib": round(pss_no_store, 3)}
+         **{f"{k}_gib": round(v, 3) for k, v in peaks.items()}}
     print(f"[bench] {name}: {r}", file=sys.stderr)
     return r
 
@@ -285,14 +282,13 @@ def ray_data_llm(shard: str, model: str, max_tokens: int, max_pixels: int, gpu: 
 
 
 def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float = 3600, driver: bool = False):
-    """(seconds, peak RSS GiB of the process tree, stdout[, then for the child (the driver): peak
-    RSS, the tree's peak PSS, the child's peak USS, PSS and RSS less its object-store pages, and the
-    tree's peak PSS less the object store's pages], all GiB). RSS summed over processes counts a
-    shared page (Ray's object store, mapped by every worker) once per process that touched it; PSS
-    splits it among them, so the PSS sum is the tree's real footprint. The child's own RSS includes
-    the store's pages it has touched (bounded by the store's size, and shared); its USS is its
-    private memory. The store's pages are also counted apart: they are the store's (bounded by its
-    size, shared by every worker), not a process's own growth.
+    """(seconds, peak RSS GiB of the process tree, stdout[, peaks]): with driver=True also a dict of
+    peak GiB: the child's (the driver's) RSS, USS, PSS and RSS less its object-store pages, and the
+    tree's RSS, PSS and PSS less the store's pages. RSS summed over processes counts a shared page
+    (Ray's object store, mapped by every worker) once per process that touched it; PSS splits it
+    among them, so the PSS sum is the tree's real footprint. The child's own RSS includes the store's
+    pages it has touched; its USS is its private memory. The store's pages are also counted apart:
+    they are the store's (bounded by its size, shared by every worker), not a process's own growth.
     The child runs in its own process group, killed whole on timeout or when this process is
     interrupted."""
     import signal
@@ -301,35 +297,44 @@ def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float = 3600, dr
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
                             start_new_session=True)
     try:
-        secs, tree, out, *own = _measure(proc, t0, timeout)
-        return (secs, tree, out, *own) if driver else (secs, tree, out)
+        secs, out, peaks = _measure(proc, t0, timeout)
+        gib = {k: v / 2**30 for k, v in peaks.items()}
+        return (secs, gib["tree_peak_rss"], out, gib) if driver else (secs, gib["tree_peak_rss"], out)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 
-def _measure(proc, t0: float, timeout: float) -> tuple:
+def _measure(proc, t0: float, timeout: float) -> tuple[float, str, dict[str, int]]:
+    """Peak bytes of the child and its tree: RSS every 0.2 s, the smaps figures once a second."""
     import psutil
-    peak = own = peak_pss = own_uss = own_pss = own_no_store = peak_pss_no_store = 0
+    peaks = dict.fromkeys(("driver_peak_rss", "driver_peak_uss", "driver_peak_pss", "driver_peak_rss_no_store",
+                           "tree_peak_rss", "tree_peak_pss", "tree_peak_pss_no_store"), 0)
+
+    def high(key: str, value: int) -> None:
+        peaks[key] = max(peaks[key], value)
+
     root = psutil.Process(proc.pid)
-    last_pss = 0.0
+    last_smaps = 0.0
     while proc.poll() is None:
         if time.time() - t0 > timeout:
             raise TimeoutError(f"{proc.args[:3]} ran past {timeout} s")
         try:
-            own = max(own, root.memory_info().rss)
+            root_rss = root.memory_info().rss
+            high("driver_peak_rss", root_rss)
             procs = [root] + root.children(recursive=True)
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-            if time.time() - last_pss >= 1.0:  # smaps_rollup per process: sampled once a second
-                last_pss = time.time()
-                peak_pss = max(peak_pss, sum(_pss(p) for p in procs))
+            high("tree_peak_rss", sum(p.memory_info().rss for p in procs if p.is_running()))
+            if time.time() - last_smaps >= 1.0:  # one smaps pass per process, once a second
+                last_smaps = time.time()
+                maps = {p.pid: _smaps(p.pid) for p in procs}
+                high("tree_peak_pss", sum(m["pss"] for m in maps.values()))
                 # The tree without the object store's pages: what its processes hold themselves.
-                peak_pss_no_store = max(peak_pss_no_store,
-                                        sum(_pss(p) - _store_rss(p.pid, "Pss:") for p in procs))
-                full = root.memory_full_info()
-                own_uss, own_pss = max(own_uss, full.uss), max(own_pss, full.pss)
-                own_no_store = max(own_no_store, root.memory_info().rss - _store_rss(root.pid))
+                high("tree_peak_pss_no_store", sum(m["pss"] - m["store_pss"] for m in maps.values()))
+                own = maps[root.pid]
+                high("driver_peak_uss", own["uss"])
+                high("driver_peak_pss", own["pss"])
+                high("driver_peak_rss_no_store", root_rss - own["store_rss"])
         except psutil.Error:
             pass
         time.sleep(0.2)
@@ -337,14 +342,15 @@ def _measure(proc, t0: float, timeout: float) -> tuple:
     if proc.returncode != 0:
         raise RuntimeError(f"{proc.args[:4]} failed ({proc.returncode}): {out[-2000:]} "
                            "(its stderr: contender-*.err in the work dir)")
-    return (time.time() - t0, peak / 2**30, out, own / 2**30, peak_pss / 2**30, own_uss / 2**30,
-            own_pss / 2**30, own_no_store / 2**30, peak_pss_no_store / 2**30)
+    return time.time() - t0, out, peaks
 
 
-def _store_rss(pid: int, field: str = "Rss:") -> int:
-    """Bytes of Ray's shared object store (/dev/shm/plasma*) in a process's RSS (or PSS, with
-    field="Pss:")."""
-    total, in_store = 0, False
+def _smaps(pid: int) -> dict[str, int]:
+    """One pass over /proc/PID/smaps: bytes of the process's PSS and USS (its private pages), and
+    the RSS and PSS of its mappings of Ray's object store (/dev/shm/plasma*). Zeros for a process
+    that ended between listing and reading."""
+    totals = dict.fromkeys(("pss", "uss", "store_rss", "store_pss"), 0)
+    in_store = False
     try:
         with open(f"/proc/{pid}/smaps") as f:
             for line in f:
@@ -353,18 +359,18 @@ def _store_rss(pid: int, field: str = "Rss:") -> int:
                     continue
                 if not head[0].endswith(":"):  # a mapping's first line: range perms ... path
                     in_store = len(head) > 5 and head[5].startswith("/dev/shm/plasma")
-                elif in_store and head[0] == field:
-                    total += int(head[1]) * 1024
-    except OSError:  # a process that ended between listing and reading
-        return 0
-    return total
-
-
-def _pss(p) -> int:
-    try:
-        return p.memory_full_info().pss
-    except Exception:  # noqa: BLE001 - a process that ended between listing and reading
-        return 0
+                    continue
+                kb = int(head[1]) * 1024 if len(head) > 1 and head[1].isdigit() else 0
+                if head[0] in ("Private_Clean:", "Private_Dirty:"):
+                    totals["uss"] += kb
+                elif head[0] == "Pss:":
+                    totals["pss"] += kb
+                    totals["store_pss"] += kb if in_store else 0
+                elif head[0] == "Rss:" and in_store:
+                    totals["store_rss"] += kb
+    except OSError:
+        return dict.fromkeys(totals, 0)
+    return totals
 
 
 def pipeline_config(shard: Path, out: Path, model: str, max_tokens: int, max_pixels: int, gpu: bool,
