@@ -5,7 +5,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup_env.sh
-export HF_HUB_OFFLINE=1
 PY=.venv/bin/python
 $PY scripts/make_tiny_model.py models/tiny-qwen2-vl
 $PY scripts/make_demo_data.py demo_data

@@ -5,7 +5,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup_env.sh
-export HF_HUB_OFFLINE=1
 .venv/bin/python scripts/make_tiny_model.py models/tiny-qwen2-vl
 echo "[test] ruff check"
 .venv/bin/ruff check persqa_ray tests scripts

@@ -16,7 +16,7 @@ ENGINE_PROCESS_MARKERS = ("EngineCore", "VLLM::EngineCore")
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 480, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    env = dict(os.environ, **(env or {}))
     proc = subprocess.Popen([sys.executable, "-m", "persqa_ray", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -33,7 +33,7 @@ def cli_running(args: list[str], cwd: Path, env: dict | None = None):
     """The CLI started in its own process group (so a test can SIGKILL all of it); whatever
     happens in the block, nothing of it is left running afterwards."""
     proc = subprocess.Popen([sys.executable, "-m", "persqa_ray", *args], cwd=cwd, start_new_session=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})), text=True,
+                            env=dict(os.environ, **(env or {})), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         yield proc

@@ -30,7 +30,7 @@ def s3():
 
 @pytest.fixture(scope="module")
 def cluster(s3):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **s3.env)
+    env = dict(os.environ, **s3.env)
     c = RayCluster(env, head_cpus=4, head_resources={"engine_node": 1})
     try:
         c.add_node(2, {"decode_node": 1})   # a second node: decode actors go here
@@ -61,7 +61,7 @@ def test_ray_job_submit_runs_the_demo_job(cluster, demo_data, tiny_model, tmp_pa
     # would be s3:// URLs or shared storage, as configs/cluster.yaml has them).
     r = cluster.ray_cli(
         "job", "submit", "--address", cluster.dashboard, "--submission-id", sid, "--no-wait",
-        "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}),
+        "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"env_vars": {"HF_HOME": str(tmp_path / "hf")}}),
         "--", "python", "-m", "persqa_ray", "run", "configs/demo.yaml", "--set", f"input.path={data_dir}",
         "--set", f"input.concepts_table={data_dir}/_concepts/concepts.jsonl",
         "--set", f"engine.model={tiny_model}", "--set", f"output.path={out}")
