@@ -97,14 +97,15 @@ def _standin_run(work: Path, name: str, inputs: Path, out: Path, env: dict, bloc
         cfg["run"] = {"window_rows": window_rows}
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    secs, _, text, peaks = run_measured(
+    secs, _, text, peaks, at_peak = run_measured(
         [sys.executable, "-m", "persqa_ray", "run", str(cfg_path), "--json", "--quiet"], work, env, driver=True)
     s = json.loads(text[text.index("{"):])
     r = {"rows_in": s["rows_in"], "rows_generated": s["rows_in"] - s["rows_resumed"],
          "rows_resumed": s["rows_resumed"], "consistent": s["consistent"], "duplicates": s["duplicates"],
          "block_rows": block_rows, "windows": s.get("windows", 1),
          "seconds": round(secs, 1), "pipeline_seconds": s["seconds"],
-         **{f"{k}_gib": round(v, 3) for k, v in peaks.items()}}
+         **{f"{k}_gib": round(v, 3) for k, v in peaks.items()},
+         "tree_at_pss_no_store_peak_mib": at_peak}
     print(f"[bench] {name}: {r}", file=sys.stderr)
     return r
 
@@ -282,32 +283,34 @@ def ray_data_llm(shard: str, model: str, max_tokens: int, max_pixels: int, gpu: 
 
 
 def run_measured(cmd: list[str], cwd: Path, env: dict, timeout: float = 3600, driver: bool = False):
-    """(seconds, peak RSS GiB of the process tree, stdout[, peaks]): with driver=True also a dict of
-    peak GiB: the child's (the driver's) RSS, USS, PSS and RSS less its object-store pages, and the
-    tree's RSS, PSS and PSS less the store's pages. RSS summed over processes counts a shared page
-    (Ray's object store, mapped by every worker) once per process that touched it; PSS splits it
-    among them, so the PSS sum is the tree's real footprint. The child's own RSS includes the store's
-    pages it has touched; its USS is its private memory. The store's pages are also counted apart:
-    they are the store's (bounded by its size, shared by every worker), not a process's own growth.
-    The child runs in its own process group, killed whole on timeout or when this process is
-    interrupted."""
+    """(seconds, peak RSS GiB of the process tree, stdout[, peaks, at_peak]): with driver=True also a
+    dict of peak GiB: the child's (the driver's) RSS, USS, PSS and RSS less its object-store pages,
+    and the tree's RSS, PSS and PSS less the store's pages; and the tree at that last peak, process
+    by process (MiB of PSS less store pages per kind of process, with how many there were). RSS
+    summed over processes counts a shared page (Ray's object store, mapped by every worker) once per
+    process that touched it; PSS splits it among them, so the PSS sum is the tree's real footprint.
+    The child's own RSS includes the store's pages it has touched; its USS is its private memory.
+    The store's pages are also counted apart: they are the store's (bounded by its size, shared by
+    every worker), not a process's own growth. The child runs in its own process group, killed whole
+    on timeout or when this process is interrupted."""
     import signal
     t0 = time.time()
     log = open(Path(cwd) / f"contender-{int(t0)}.err", "w")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
                             start_new_session=True)
     try:
-        secs, out, peaks = _measure(proc, t0, timeout)
+        secs, out, peaks, at_peak = _measure(proc, t0, timeout)
         gib = {k: v / 2**30 for k, v in peaks.items()}
-        return (secs, gib["tree_peak_rss"], out, gib) if driver else (secs, gib["tree_peak_rss"], out)
+        return (secs, gib["tree_peak_rss"], out, gib, at_peak) if driver else (secs, gib["tree_peak_rss"], out)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 
-def _measure(proc, t0: float, timeout: float) -> tuple[float, str, dict[str, int]]:
-    """Peak bytes of the child and its tree: RSS every 0.2 s, the smaps figures once a second."""
+def _measure(proc, t0: float, timeout: float) -> tuple[float, str, dict[str, int], dict[str, dict]]:
+    """Peak bytes of the child and its tree: RSS every 0.2 s, the smaps figures once a second; and
+    which processes made up the tree when its PSS less store pages peaked."""
     import psutil
     peaks = dict.fromkeys(("driver_peak_rss", "driver_peak_uss", "driver_peak_pss", "driver_peak_rss_no_store",
                            "tree_peak_rss", "tree_peak_pss", "tree_peak_pss_no_store"), 0)
@@ -317,6 +320,7 @@ def _measure(proc, t0: float, timeout: float) -> tuple[float, str, dict[str, int
 
     root = psutil.Process(proc.pid)
     last_smaps = 0.0
+    at_peak: dict[str, dict] = {}
     while proc.poll() is None:
         if time.time() - t0 > timeout:
             raise TimeoutError(f"{proc.args[:3]} ran past {timeout} s")
@@ -330,7 +334,10 @@ def _measure(proc, t0: float, timeout: float) -> tuple[float, str, dict[str, int
                 maps = {p.pid: _smaps(p.pid) for p in procs}
                 high("tree_peak_pss", sum(m["pss"] for m in maps.values()))
                 # The tree without the object store's pages: what its processes hold themselves.
-                high("tree_peak_pss_no_store", sum(m["pss"] - m["store_pss"] for m in maps.values()))
+                own_pages = {pid: m["pss"] - m["store_pss"] for pid, m in maps.items()}
+                if sum(own_pages.values()) > peaks["tree_peak_pss_no_store"]:
+                    at_peak = _by_kind(procs, own_pages)
+                high("tree_peak_pss_no_store", sum(own_pages.values()))
                 own = maps[root.pid]
                 high("driver_peak_uss", own["uss"])
                 high("driver_peak_pss", own["pss"])
@@ -342,7 +349,28 @@ def _measure(proc, t0: float, timeout: float) -> tuple[float, str, dict[str, int
     if proc.returncode != 0:
         raise RuntimeError(f"{proc.args[:4]} failed ({proc.returncode}): {out[-2000:]} "
                            "(its stderr: contender-*.err in the work dir)")
-    return time.time() - t0, out, peaks
+    return time.time() - t0, out, peaks, at_peak
+
+
+def _by_kind(procs, pages: dict[int, int]) -> dict[str, dict]:
+    """{kind of process: {"mib": summed pages, "n": how many}}, the kind being Ray's title for a
+    worker ("ray::MapWorker(MapBatches(DecodeStage))", "ray::IDLE") or the program's name."""
+    kinds: dict[str, dict] = {}
+    for p in procs:
+        try:
+            cmd = p.cmdline()
+        except Exception:  # noqa: BLE001 - a process that ended in between: not counted
+            continue
+        head = cmd[0].split()[0] if cmd else "?"
+        if head.startswith("ray::"):
+            kind = head
+        else:
+            script = next((a for a in cmd[1:] if a.endswith(".py") or a.startswith("persqa")), "")
+            kind = " ".join(x for x in (Path(head).name, Path(script).name if script else "") if x)
+        k = kinds.setdefault(kind, {"mib": 0.0, "n": 0})
+        k["mib"] += pages.get(p.pid, 0) / 2**20
+        k["n"] += 1
+    return {k: {"mib": round(v["mib"], 1), "n": v["n"]} for k, v in sorted(kinds.items(), key=lambda x: -x[1]["mib"])}
 
 
 def _smaps(pid: int) -> dict[str, int]:
