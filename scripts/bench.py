@@ -335,9 +335,10 @@ def _measure(proc, t0: float, timeout: float) -> tuple[float, str, dict[str, int
                 high("tree_peak_pss", sum(m["pss"] for m in maps.values()))
                 # The tree without the object store's pages: what its processes hold themselves.
                 own_pages = {pid: m["pss"] - m["store_pss"] for pid, m in maps.items()}
-                if sum(own_pages.values()) > peaks["tree_peak_pss_no_store"]:
+                tree_own = sum(own_pages.values())
+                if tree_own > peaks["tree_peak_pss_no_store"]:
                     at_peak = _by_kind(procs, own_pages)
-                high("tree_peak_pss_no_store", sum(own_pages.values()))
+                high("tree_peak_pss_no_store", tree_own)
                 own = maps[root.pid]
                 high("driver_peak_uss", own["uss"])
                 high("driver_peak_pss", own["pss"])
@@ -453,11 +454,9 @@ def main() -> None:
         first, last = results[0], results[-1]
         report = {"mode": "memory", "engine": "standin (benchmark instrument: no model)",
                   "cpu_count": os.cpu_count(), "results": results,
-                  **{f"{who}_{kind}_ratio_last_to_first": round(last[f"{who}_peak_{kind}_gib"] /
-                                                                first[f"{who}_peak_{kind}_gib"], 3)
-                     for who, kinds in (("driver", ("rss", "uss", "pss", "rss_no_store")),
-                                        ("tree", ("rss", "pss", "pss_no_store")))
-                     for kind in kinds}}
+                  # driver_peak_rss_gib -> driver_rss_ratio_last_to_first, for every peak _measure keeps
+                  **{k.replace("_peak_", "_").removesuffix("_gib") + "_ratio_last_to_first":
+                     round(last[k] / first[k], 3) for k in first if k.endswith("_gib") and "_peak_" in k}}
         if a.resume:
             report["resume"] = resume_bench(work, sizes[-1], env,
                                             work / f"mem-out-{sizes[-1]}-b{a.block_rows}-w{a.window_rows}")

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 # gone 4 s after the first commit with 40 small rows (CI twice saw 'no engine process appeared'
 # with 40-60 small rows), 13 s with 150 large ones, 27 s with 300.
 ROWS_STILL_GENERATING = 300
+CAMERA_SIZE = 1003520  # image.max_pixels of those rows (the demo's photos, not shrunk to 224x224)
 
 
 def test_killed_decode_and_generate_actors(tmp_path, tiny_model):
@@ -25,7 +26,7 @@ def test_killed_decode_and_generate_actors(tmp_path, tiny_model):
     manifest = make_demo_data.make(data, rows=ROWS_STILL_GENERATING)
     out = tmp_path / "out"
     cfg = demo_config(data, out, tiny_model, input={"block_rows": 2}, engine={"batch_size": 2, "max_tokens": 48},
-                      image={"batch_size": 1, "max_pixels": 1003520})
+                      image={"batch_size": 1, "max_pixels": CAMERA_SIZE})
     cfg_path = write_config(tmp_path / "run.yaml", cfg)
     killed, replaced = [], []
 
@@ -71,7 +72,7 @@ def test_killed_engine_process_is_recreated(tmp_path, tiny_model):
     manifest = make_demo_data.make(data, rows=ROWS_STILL_GENERATING)
     out = tmp_path / "out"
     cfg = demo_config(data, out, tiny_model, input={"block_rows": 2}, engine={"batch_size": 2, "max_tokens": 96},
-                      image={"batch_size": 2, "max_pixels": 1003520})
+                      image={"batch_size": 2, "max_pixels": CAMERA_SIZE})
     with cli_running(["run", str(write_config(tmp_path / "r.yaml", cfg)), "--quiet"], tmp_path) as proc:
         wait_for_commits(proc, out, 1)
         os.kill(_engine_core_pid(proc), signal.SIGKILL)  # this run's (waits for it if it is starting)
@@ -105,7 +106,7 @@ def test_engine_actor_exits_when_its_restart_budget_is_spent(tmp_path, tiny_mode
     out = tmp_path / "out"
     cfg = demo_config(data, out, tiny_model, input={"block_rows": 2},
                       engine={"batch_size": 2, "max_tokens": 96, "max_restarts": 0},
-                      image={"batch_size": 2, "max_pixels": 1003520})
+                      image={"batch_size": 2, "max_pixels": CAMERA_SIZE})
     with cli_running(["run", str(write_config(tmp_path / "r.yaml", cfg)), "--quiet"], tmp_path) as proc:
         wait_for_commits(proc, out, 1)
         os.kill(_engine_core_pid(proc), signal.SIGKILL)
@@ -130,7 +131,7 @@ def test_hung_engine_times_out_and_is_restarted(tmp_path, tiny_model):
     out = tmp_path / "out"
     cfg = demo_config(data, out, tiny_model, input={"block_rows": 2},
                       engine={"batch_size": 2, "max_tokens": 96, "request_timeout_s": 20},
-                      image={"batch_size": 2, "max_pixels": 1003520})
+                      image={"batch_size": 2, "max_pixels": CAMERA_SIZE})
     frozen = None
     try:
         with cli_running(["run", str(write_config(tmp_path / "h.yaml", cfg)), "--quiet"], tmp_path) as proc:
