@@ -44,9 +44,10 @@ class _EngineBase(_Section):
         "the answer stays free text.")
     max_retries: int = Field(2, ge=0, description="Re-asks (new seed) for an answer that fails validation.")
     request_timeout_s: Optional[float] = Field(
-        None, gt=0, description="Timeout of one request. openai: per attempt (unset: 120 s). vllm (async "
-        "engine): from submission to the last token (unset: 600 s); a request past it is aborted, the engine "
-        "is taken for hung and restarted, and the batch retried once on the new engine.")
+        None, gt=0, description="Timeout of one request. openai: per attempt (unset: 120 s). vllm: from submission "
+        "to the last token (unset: 600 s; the offline engine, async_engine false: the whole batch's call); a "
+        "request past it is aborted, the engine is taken for hung and restarted, and the batch retried once on "
+        "the new engine.")
 
     def spec(self, seed: int) -> EngineSpec:
         raise NotImplementedError

@@ -10,9 +10,11 @@ persqa_ray/versions.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any, Optional, Sequence
@@ -170,9 +172,11 @@ class _VLLMBase:
 
 
 class VLLMEngine(_VLLMBase, SyncEngine):
-    """vLLM's offline `LLM`: one batch at a time (`generate`; `agenerate` runs it in a thread)."""
+    """vLLM's offline `LLM`: one batch at a time (`generate`; `agenerate` runs it in a thread). A call
+    past `request_timeout_s` marks the engine hung (`alive()` False): the stage rebuilds it."""
 
     llm = None
+    hung = False
 
     def _start(self, kwargs: dict) -> None:
         from vllm import LLM
@@ -186,8 +190,9 @@ class VLLMEngine(_VLLMBase, SyncEngine):
             return []
         started = time.perf_counter()
         try:
-            outs = self.llm.generate([self._inputs(r) for r in requests],
-                                     [self._params(r) for r in requests], use_tqdm=False)
+            with self._watchdog():
+                outs = self.llm.generate([self._inputs(r) for r in requests],
+                                         [self._params(r) for r in requests], use_tqdm=False)
             latency = time.perf_counter() - started  # offline API: one latency for the whole call
             return [self._result(o, latency) for o in outs]
         except Exception as e:  # noqa: BLE001
@@ -198,9 +203,49 @@ class VLLMEngine(_VLLMBase, SyncEngine):
             log.warning("batch of %d failed (%s); retrying one by one", len(requests), e)
             return [self.generate([r])[0] for r in requests]
 
+    def _core(self):
+        return getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+
     def alive(self) -> bool:
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        return not getattr(getattr(core, "resources", None), "engine_dead", False)
+        if self.llm is None or self.hung:  # stopped, or past request_timeout_s
+            return False
+        return not getattr(getattr(self._core(), "resources", None), "engine_dead", False)
+
+    @contextlib.contextmanager
+    def _watchdog(self, poll_s: float = 0.2):
+        """Wake a `generate` call that would wait forever. vLLM's offline client waits for its
+        engine's outputs on a queue with no timeout, and when the engine process dies its monitor
+        only marks the engine dead and shuts the client down: nothing reaches the queue, and a call
+        with requests in flight never returns. This thread puts an error on that queue (which the
+        call then raises) once vLLM marks the engine dead, or past request_timeout_s (the engine is
+        then taken for hung). vLLM internals, read with getattr: without them, no watchdog."""
+        core = self._core()
+        outputs = getattr(core, "outputs_queue", None)
+        resources = getattr(core, "resources", None)
+        if outputs is None or resources is None:
+            yield
+            return
+        done = threading.Event()
+        deadline = time.monotonic() + self.request_timeout_s if self.request_timeout_s else None
+
+        def watch():
+            while not done.wait(poll_s):
+                if getattr(resources, "engine_dead", False):
+                    outputs.put_nowait(RuntimeError("the engine process died"))
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    self.hung = True
+                    outputs.put_nowait(TimeoutError(f"no answer in {self.request_timeout_s:g} s "
+                                                    "(engine.request_timeout_s)"))
+                    return
+
+        watcher = threading.Thread(target=watch, name="persqa-vllm-watchdog", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
 
     def _stop(self, llm) -> None:
         self.llm = None
@@ -256,7 +301,8 @@ class AsyncVLLMEngine(_VLLMBase, AsyncEngine):
         return self._result(final, time.perf_counter() - started)
 
     def alive(self) -> bool:
-        return not self.hung and not self.async_llm.errored
+        allm = self.async_llm  # None once stopped (a restart shuts it down in a thread): not alive
+        return allm is not None and not self.hung and not allm.errored
 
     def _stop(self, allm) -> None:
         self.async_llm = None

@@ -102,9 +102,13 @@ class GenerateStage:
     async def _generate(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
         if self._restart_lock is None:
             self._restart_lock = asyncio.Lock()
+        if self._restart_lock.locked():  # an engine restart is under way: send to the new engine
+            async with self._restart_lock:
+                pass
         engine = self.engine
         results = await engine.agenerate(reqs)
-        if any(r.error for r in results) and not engine.alive():
+        # Errors from an engine that was replaced meanwhile, or that is dead: retry on the current one.
+        if any(r.error for r in results) and (self.engine is not engine or not engine.alive()):
             async with self._restart_lock:  # concurrent batches all see the death: restart once
                 if self.engine is engine and self.engine_restarts < self.opts.max_engine_restarts:
                     await self._restart_engine()

@@ -1,6 +1,11 @@
 """Generate stage over a real engine: k QA rows per ok row, one row per failed row, retries."""
+import asyncio
+import contextlib
+
 import numpy as np
+import psutil
 import pyarrow as pa
+import pytest
 from PIL import Image
 from skimage import data
 
@@ -152,3 +157,66 @@ def test_reference_images_come_first_with_their_captions(engine, tmp_path):
     assert rows[0]["answer"].startswith("<chelsea>") and rows[1]["reference_images"] == []   # <mam>: none
     # the engine saw them: row r0 (its image and two references) has more prompt tokens than r1 (two images)
     assert rows[0]["num_input_tokens"] > rows[1]["num_input_tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_engine", [True, False], ids=["async", "offline"])
+def test_a_batch_that_comes_while_the_engine_restarts_is_answered_by_the_new_engine(tiny_model, async_engine):
+    """CI saw this race (test_killed_engine_process_is_recreated, 2026-12-05): the engine process
+    dies, one batch restarts the engine (its shutdown runs in a thread, the loop stays free), and a
+    batch that reaches the actor meanwhile was sent to the stopped engine, whose `alive()` raised
+    AttributeError: the actor failed and the run stopped (the offline engine, stopped, said it was alive:
+    the batch's rows became engine_error). Such a batch must wait for the new engine."""
+    # request_timeout_s as a run sets it (config default 600 s), lower: an engine killed before its
+    # first request leaves vLLM's requests waiting (its output task was never started) until then.
+    spec = EngineSpec("vllm", dict(async_engine=async_engine, model=tiny_model, enforce_eager=True, max_model_len=2048,
+                                   max_images_per_prompt=4, max_tokens=16, seed=0, request_timeout_s=120))
+    stage = GenerateStage(opts(engine=spec, max_engine_restarts=1), PersonalizationOptions("mam", 0, 1, "en"))
+    old = stage.engine
+    try:
+        async def two_batches():
+            await stage(decoded_batch(k=1))  # mid-run, as on CI: the engine has answered before it dies
+            for p in psutil.Process().children():  # the engine's process: started after the engine's snapshot
+                if p.pid not in old._children_before:
+                    p.kill()
+            first = asyncio.create_task(stage(decoded_batch(k=1)))
+            while old._engine() is not None:  # the first batch found the engine dead and is stopping it
+                assert not first.done()
+                await asyncio.sleep(0)
+            assert stage.engine is old  # the window: stopped, not yet replaced
+            second = await stage(decoded_batch(k=1))
+            assert stage.engine is not old and stage.engine.alive()  # in the loop the engine runs on
+            return await first, second
+
+        first, second = asyncio.run(two_batches())
+        assert stage.engine_restarts == 1
+        for out in (first, second):
+            assert [(r["row_id"], r["status"]) for r in out.to_pylist()] == [
+                ("r0", schema.OK), ("r1", schema.OK), ("r2", schema.MISSING_IMAGE)]
+    finally:
+        stage.engine.shutdown()
+
+
+@pytest.mark.slow
+def test_a_frozen_offline_engine_times_out_and_is_restarted(tiny_model):
+    """engine.async_engine: false and the engine process frozen (SIGSTOP) mid-batch: the call ends
+    after request_timeout_s (vLLM's offline client would wait forever), the engine is rebuilt and
+    the batch retried on it."""
+    spec = EngineSpec("vllm", dict(async_engine=False, model=tiny_model, enforce_eager=True, max_model_len=2048,
+                                   max_images_per_prompt=4, max_tokens=16, seed=0, request_timeout_s=5))
+    stage = GenerateStage(opts(engine=spec, max_engine_restarts=1), PersonalizationOptions("mam", 0, 1, "en"))
+    old = stage.engine
+    frozen = [p for p in psutil.Process().children() if p.pid not in old._children_before]
+    try:
+        run_sync(stage(decoded_batch(k=1)))  # the engine has answered before it freezes
+        for p in frozen:
+            p.suspend()
+        out = run_sync(stage(decoded_batch(k=1)))
+        assert old.hung and not old.alive() and stage.engine_restarts == 1 and stage.engine is not old
+        assert [(r["row_id"], r["status"]) for r in out.to_pylist()] == [
+            ("r0", schema.OK), ("r1", schema.OK), ("r2", schema.MISSING_IMAGE)]
+    finally:
+        for p in frozen:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        stage.engine.shutdown()
