@@ -12,12 +12,23 @@ from persqa_ray.engines.base import run_sync
 from persqa_ray.io.filesystems import Shard
 from persqa_ray.stages.base import Stage
 
+# Ray Data shapes what each step of a task yields into blocks of up to target_max_block_size
+# (128 MiB by default), between fused steps too: a read task held up to that much of its shard, and
+# the items step made Python objects of a whole block (~3 KB a row: 556 MiB for a 125k-row shard).
+# This smaller target, on the run's own dataset context (a notebook's global context is left
+# alone), with the items step in batches of input.block_rows, bounds a read task by the target
+# instead of its shard (docs/BENCHMARKS.md). Decoded blocks hold ~5 camera-size images at most
+# (generate re-batches to engine.batch_size).
+BLOCK_TARGET_BYTES = 16 * 2**20
+
 
 def shard_dataset(shards: Sequence[Shard]):
     """The shard list as a Ray Dataset: one block per shard, so each shard is one read task."""
     import ray
     items = [{"shard": s.path, "format": s.format} for s in shards]
-    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds.context.target_max_block_size = BLOCK_TARGET_BYTES
+    return ds
 
 
 def on_ray(stages: Sequence[Stage], shards: Sequence[Shard]):

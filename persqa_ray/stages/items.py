@@ -81,4 +81,6 @@ def build_items(batch: pa.Table, opts: PersonalizationOptions) -> pa.Table:
 
 
 def items_stage(p: "Plan") -> Stage:
-    return Stage("items", build_items, {"opts": p.personalization}, needs=("row_id", "status", "error"), adds=ADDS)
+    # Batches of input.block_rows, not whole blocks: the Python objects of one batch at a time.
+    return Stage("items", build_items, {"opts": p.personalization}, needs=("row_id", "status", "error"), adds=ADDS,
+                 batch_size=p.config.input.block_rows)

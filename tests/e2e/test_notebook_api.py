@@ -3,6 +3,7 @@ import pytest
 import ray
 
 import persqa_ray
+from persqa_ray.pipeline.executors import BLOCK_TARGET_BYTES
 from tests.conftest import demo_config
 
 pytestmark = pytest.mark.slow
@@ -18,8 +19,12 @@ def local_ray():
 def test_build_dataset_k3_then_run(local_ray, demo_data, tiny_model, tmp_path):
     data_dir, manifest = demo_data
     cfg = demo_config(data_dir, tmp_path / "out", tiny_model, prompt={"questions_per_image": 3, "seed": 5})
+    users_block_target = ray.data.DataContext.get_current().target_max_block_size
     ds = persqa_ray.build_dataset(cfg)
     assert isinstance(ds, ray.data.Dataset)
+    # The run's smaller block target (pipeline/executors.py) is the dataset's own, not the notebook's.
+    assert ds.context.target_max_block_size == BLOCK_TARGET_BYTES < users_block_target
+    assert ray.data.DataContext.get_current().target_max_block_size == users_block_target
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # lazy: nothing written
     rows = ds.take_all()
     ok_ids = {r["row_id"] for r in rows if r["status"] == "ok"}
