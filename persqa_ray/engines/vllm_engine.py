@@ -5,7 +5,9 @@ long-lived names are used: `vllm.LLM`, `vllm.SamplingParams`, `StructuredOutputs
 `LLM.get_tokenizer`, `LLM.generate` (`VLLMEngine`, one call at a time), and for the in-flight path
 `AsyncEngineArgs`, `AsyncLLMEngine.from_engine_args`, `AsyncLLMEngine.generate`
 (`AsyncVLLMEngine`). `build` picks one from the spec. The supported range lives in
-persqa_ray/versions.py.
+persqa_ray/versions.py. The exception: the offline engine's liveness and watchdog read its
+client's internals (`engine_core.resources.engine_dead`, `engine_core.outputs_queue`), through
+getattr, because vLLM's offline API has no public way to tell a dead engine or to time a call out.
 """
 from __future__ import annotations
 
