@@ -159,6 +159,18 @@ def test_reference_images_come_first_with_their_captions(engine, tmp_path):
     assert rows[0]["num_input_tokens"] > rows[1]["num_input_tokens"]
 
 
+def stage_with_its_own_engine(tiny_model, async_engine: bool, request_timeout_s: float):
+    """A stage that builds (and may rebuild) its own real engine, and that engine's EngineCore
+    process: this process's children started after the engine's snapshot (the worker is a
+    grandchild; the faults below are EngineCore's)."""
+    spec = EngineSpec("vllm", dict(async_engine=async_engine, model=tiny_model, enforce_eager=True, max_model_len=2048,
+                                   max_images_per_prompt=4, max_tokens=16, seed=0,
+                                   request_timeout_s=request_timeout_s))
+    stage = GenerateStage(opts(engine=spec, max_engine_restarts=1), PersonalizationOptions("mam", 0, 1, "en"))
+    core = [p for p in psutil.Process().children() if p.pid not in stage.engine._children_before]
+    return stage, core
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("async_engine", [True, False], ids=["async", "offline"])
 def test_a_batch_that_comes_while_the_engine_restarts_is_answered_by_the_new_engine(tiny_model, async_engine):
@@ -169,16 +181,13 @@ def test_a_batch_that_comes_while_the_engine_restarts_is_answered_by_the_new_eng
     the batch's rows became engine_error). Such a batch must wait for the new engine."""
     # request_timeout_s as a run sets it (config default 600 s), lower: an engine killed before its
     # first request leaves vLLM's requests waiting (its output task was never started) until then.
-    spec = EngineSpec("vllm", dict(async_engine=async_engine, model=tiny_model, enforce_eager=True, max_model_len=2048,
-                                   max_images_per_prompt=4, max_tokens=16, seed=0, request_timeout_s=120))
-    stage = GenerateStage(opts(engine=spec, max_engine_restarts=1), PersonalizationOptions("mam", 0, 1, "en"))
+    stage, core = stage_with_its_own_engine(tiny_model, async_engine, request_timeout_s=120)
     old = stage.engine
     try:
         async def two_batches():
             await stage(decoded_batch(k=1))  # mid-run, as on CI: the engine has answered before it dies
-            for p in psutil.Process().children():  # the engine's process: started after the engine's snapshot
-                if p.pid not in old._children_before:
-                    p.kill()
+            for p in core:
+                p.kill()
             first = asyncio.create_task(stage(decoded_batch(k=1)))
             while old._engine() is not None:  # the first batch found the engine dead and is stopping it
                 assert not first.done()
@@ -202,11 +211,8 @@ def test_a_frozen_offline_engine_times_out_and_is_restarted(tiny_model):
     """engine.async_engine: false and the engine process frozen (SIGSTOP) mid-batch: the call ends
     after request_timeout_s (vLLM's offline client would wait forever), the engine is rebuilt and
     the batch retried on it."""
-    spec = EngineSpec("vllm", dict(async_engine=False, model=tiny_model, enforce_eager=True, max_model_len=2048,
-                                   max_images_per_prompt=4, max_tokens=16, seed=0, request_timeout_s=5))
-    stage = GenerateStage(opts(engine=spec, max_engine_restarts=1), PersonalizationOptions("mam", 0, 1, "en"))
+    stage, frozen = stage_with_its_own_engine(tiny_model, async_engine=False, request_timeout_s=5)
     old = stage.engine
-    frozen = [p for p in psutil.Process().children() if p.pid not in old._children_before]
     try:
         run_sync(stage(decoded_batch(k=1)))  # the engine has answered before it freezes
         for p in frozen:
