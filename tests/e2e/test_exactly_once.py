@@ -14,7 +14,6 @@ from tests.conftest import demo_config
 from tests.e2e.helpers import (
     cli_running,
     engine_processes,
-    pids_of,
     run_cli,
     summary_of,
     wait_for_commits,
@@ -86,21 +85,22 @@ def test_second_run_on_a_live_output_is_refused(tmp_path, tiny_model):
     data = tmp_path / "data"
     make_demo_data.make(data, rows=60)
     out = tmp_path / "out"
-    # Two-row blocks with long answers: the first run is still busy long after its first commit.
+    # Two-row blocks: the first run commits many units, so it is caught with its output half written.
     cfg = demo_config(data, out, tiny_model, input={"block_rows": 2}, engine={"batch_size": 2, "max_tokens": 96},
                       image={"batch_size": 2})
     cfg_path = write_config(tmp_path / "run.yaml", cfg)
     with cli_running(["run", str(cfg_path), "--quiet"], tmp_path) as first:
         wait_for_commits(first, out, 1)
-        owner = json.loads((out / "_lease.json").read_text())["owner"]
-        # Freeze the first run's engine so it cannot finish while the second one starts.
-        engine = [p for p in pids_of("VLLM::EngineCore") if os.getsid(p) == first.pid]  # this run's
-        assert len(engine) == 1
-        os.kill(engine[0], signal.SIGSTOP)
+        # Freeze the whole first run (driver, Ray, engine: its process group) so it cannot finish
+        # while the second one starts. Not its engine alone: the tiny model generates all 60 rows in
+        # seconds and the commits follow just behind, so the first commit can come as the engine
+        # exits (a CI run found none left to freeze). A frozen run's lease is still live (ttl 120 s).
+        os.killpg(first.pid, signal.SIGSTOP)
         try:
+            owner = json.loads((out / "_lease.json").read_text())["owner"]
             second = run_cli(["run", str(cfg_path)], cwd=tmp_path, timeout=120)
         finally:
-            os.kill(engine[0], signal.SIGCONT)
+            os.killpg(first.pid, signal.SIGCONT)
         assert first.poll() is None
         assert second.returncode == 2 and owner in second.stderr and "another run" in second.stderr, \
             second.stderr[-2000:]
