@@ -257,8 +257,9 @@ class RunConfig(_Section):
     window_rows: int = Field(
         2_000_000, ge=0, description="Input rows per Ray Data execution: the run takes its shards in windows "
         "of about this many rows (whole shards, at least one; predicted from shard sizes), one after "
-        "another, because Ray Data keeps a little bookkeeping per block on the driver for the life of an "
-        "execution. Each window starts its engines anew (~30 s on CPU, 1-2 min on a GPU). 0: one execution.")
+        "another, each driven from a Ray worker of its own that exits after it: Ray keeps some memory per "
+        "block in the process that drives an execution, so neither the driver nor any process grows with the "
+        "dataset. Each window starts its engines anew (~30 s on CPU, 1-2 min on a GPU). 0: one execution.")
     retry_errors: list[str] = Field(
         default_factory=list, description="Statuses whose rows are generated again on this run (CLI "
         "--retry-errors [STATUS,...]; default there: engine_error). Their new QA rows replace the old "

@@ -1,14 +1,16 @@
-"""Where the run happens: joining or starting Ray, what `engine.num_gpus: auto` becomes, and
-waiting for the engine actors to shut their engines down."""
+"""Where the run happens: joining or starting Ray, what `engine.num_gpus: auto` becomes, the
+short-lived workers that drive the run's Ray Data executions, and waiting for the engine actors to
+shut their engines down."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from persqa_ray.config import ConfigError, PersQAConfig
 from persqa_ray.versions import check_ray
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     from persqa_ray.pipeline.plan import Plan
 
 log = logging.getLogger("persqa_ray")
+T = TypeVar("T")
 
 
 def init_ray(cfg: PersQAConfig) -> None:
@@ -61,6 +64,34 @@ def resolve_gpus(p: "Plan") -> "Plan":
             log.warning("%s (waiting for an autoscaler to add them)", msg)
     return dataclasses.replace(p, config=p.config.model_copy(
         update={"engine": e.model_copy(update={"num_gpus": n})}))
+
+
+def in_own_worker(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a Ray worker of its own on this node, which exits when fn returns (max_calls=1).
+
+    Every Ray Data execution of a run (each window, the concept and duplicate-id passes) is driven
+    this way, not from the run's driver. Why: Ray keeps some memory per block in the process that
+    drives an execution, and not all of it is given back when the execution ends (≈ 8 KiB a block,
+    native memory; docs/BENCHMARKS.md), so a driver that drove them all grew with the dataset
+    (≈ 1.7 GiB projected at 100M rows). A worker per execution takes that memory with it. On this
+    node: the engine actors a window waits for are looked for on its node (wait_for_engine_actors).
+    Not retried: an execution that failed stops the run, and its rerun resumes from the commit
+    records. fn's own exception is raised here, not Ray's wrapper around it."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    quiet = os.environ.get("PERSQA_QUIET") == "1"
+    try:
+        return ray.get(_call.options(scheduling_strategy=here).remote(fn, args, quiet))
+    except ray.exceptions.RayTaskError as e:
+        raise (e.cause if isinstance(e.cause, Exception) else e) from e
+
+
+@ray.remote(num_cpus=0, max_retries=0, max_calls=1)
+def _call(fn, args: tuple, quiet: bool):
+    if quiet:  # the CLI's --quiet, also on a joined cluster whose workers did not inherit its env
+        import ray.data
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return fn(*args)
 
 
 def wait_for_engine_actors(stats, timeout_s: float = 15.0) -> None:

@@ -21,6 +21,7 @@ from persqa_ray import schema
 from persqa_ray.io.readers import ReadOptions, read_shard
 from persqa_ray.personalization.concepts import load_tokenizer, vocab_collision
 from persqa_ray.personalization.templates import SUBJECT_TYPES
+from persqa_ray.pipeline.cluster import in_own_worker
 
 if TYPE_CHECKING:
     from persqa_ray.config import PersQAConfig
@@ -113,13 +114,12 @@ def most_similar(names: list[str], means: np.ndarray, top: int = TOP_SIMILAR, bl
     return out
 
 
-def _aggregate(p: "Plan") -> list[dict]:
+def _aggregate(shards, read, column: str, type_column: Optional[str], emb_column: Optional[str]) -> list[dict]:
+    """Per concept, over the whole input (in a worker of its own: cluster.in_own_worker)."""
     from persqa_ray.pipeline.executors import shard_dataset
-    pers, inp = p.personalization, p.config.input
-    ds = shard_dataset(p.shards).map_batches(
+    ds = shard_dataset(shards).map_batches(
         concept_stats_batch, batch_size=1, batch_format="numpy",
-        fn_kwargs={"opts": p.read, "column": pers.concept_column, "type_column": pers.subject_type_column,
-                   "emb_column": inp.embedding_column and _column(inp.embedding_column)})
+        fn_kwargs={"opts": read, "column": column, "type_column": type_column, "emb_column": emb_column})
     merged = ds.groupby("concept").map_groups(merge_partials, batch_format="pyarrow")
     return [r for b in merged.iter_batches(batch_size=None, batch_format="pyarrow") for r in b.to_pylist()]
 
@@ -135,7 +135,8 @@ def discover_concepts(p: "Plan") -> "Plan":
     if not pers.concept_column or not (pers.recognition or cfg.prompt.tag_vocab_check != "off"
                                        or pers.text_qa_per_concept):
         return p
-    rows = _aggregate(p)
+    emb = cfg.input.embedding_column and _column(cfg.input.embedding_column)
+    rows = in_own_worker(_aggregate, p.shards, p.read, pers.concept_column, pers.subject_type_column, emb)
     for r in rows:
         r["concept"] = r["concept"] or cfg.prompt.tag
     known = sorted({r["concept"] for r in rows})

@@ -2,7 +2,8 @@
 
 run: plan -> take the output (lease, identity, --overwrite) -> start or join Ray -> resolve
 `auto` settings -> concept and duplicate-id passes -> one Ray Data execution per window of shards
-(pipeline/windows.py), each committing its blocks -> the summary, a fold over commit records.
+(pipeline/windows.py), each committing its blocks -> the summary, a fold over commit records. Each
+Ray Data execution is driven from a short-lived worker of its own (cluster.in_own_worker).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from persqa_ray.io.duplicate_ids import find_duplicate_ids, remove_work
 from persqa_ray.io.outputs import open_output, write_concepts
 from persqa_ray.io.resume import ResumeOptions
 from persqa_ray.io.summary import summarize, write_summary
-from persqa_ray.pipeline.cluster import init_ray, resolve_gpus, wait_for_engine_actors
+from persqa_ray.pipeline.cluster import in_own_worker, init_ray, resolve_gpus, wait_for_engine_actors
 from persqa_ray.pipeline.concepts import discover_concepts, with_concept_rows
 from persqa_ray.pipeline.executors import drive, on_ray
 from persqa_ray.pipeline.plan import Plan, plan
@@ -48,7 +49,7 @@ def _prepare(p: Plan) -> tuple[Plan, Optional[str]]:
     cfg, work = p.config, None
     if cfg.input.id_column:
         so = dict(cfg.output.storage_options)
-        work = find_duplicate_ids(p.shards, p.read, cfg.output.path, so)
+        work = in_own_worker(find_duplicate_ids, p.shards, p.read, cfg.output.path, so)
         p = dataclasses.replace(p, read=dataclasses.replace(p.read, dups_dir=work, output_storage_options=so))
     return with_concept_rows(p), work
 
@@ -112,8 +113,17 @@ def _execute(p: Plan, stats) -> int:
     for shards in windows:
         if len(shards) < len(p.shards):
             log.info("window %d: %d shard(s) from %s", windows.windows, len(shards), shards[0].path)
-        drive(on_ray(stages, shards))
-        # The window's engines are down before the next window starts (one GPU cannot hold two).
-        wait_for_engine_actors(stats)
+        rows, pid = in_own_worker(_window, stages, shards, stats)
+        # Ray Data's own log lines for the window are in that worker's log (worker-*-<pid>.out).
+        log.info("window %d: %d output rows, driven by Ray worker pid %d", windows.windows, rows, pid)
         windows.observe(ray.get(stats.rows_in.remote()))
     return windows.windows
+
+
+def _window(stages, shards, stats) -> tuple[int, int]:
+    """One window's execution (in a worker of its own: cluster.in_own_worker)."""
+    rows = drive(on_ray(stages, shards))
+    # The window's engines are down before it returns: before the next window starts (one GPU cannot
+    # hold two), and before this worker exits (Ray would kill the actors it owns mid-shutdown).
+    wait_for_engine_actors(stats)
+    return rows, os.getpid()

@@ -1,13 +1,15 @@
 """Windows: a run executes its shards as successive Ray Data executions of about
 `run.window_rows` input rows each.
 
-Why: for the life of one execution Ray Data keeps some bookkeeping per block on the driver (the
-metadata and stats of every operator's output blocks; measured here at 7-18 KB per block), so
-one execution over 100M rows would grow the driver by gigabytes. Windows bound that growth by the
-window's size, whatever the dataset's. A window is whole shards, in path order (the commit
-protocol and the resume state are per shard). Its row count is predicted from the shards' bytes
-(known from the listing) at the bytes per row seen in the windows before; the first window uses a
-deliberately small guess, so it is more likely too large than too small. Each window starts its
+Why: Ray keeps some memory per block in the process that drives an execution: for its life, the
+metadata and stats of every operator's output blocks (7-18 KB per block), and after it ≈ 8 KiB a
+block that is never given back; one execution over 100M rows would grow by gigabytes. Windows
+bound the first part by the window's size, and each window is driven from a worker of its own that
+exits after it (pipeline/cluster.py `in_own_worker`), which takes the second part with it. A
+window is whole shards, in path order (the commit protocol and the resume state are per shard).
+Its row count is predicted from the shards' bytes (known from the listing) at the bytes per row
+seen in the windows before; the first window uses a deliberately small guess, so it is more likely
+too large than too small. Each window starts its
 actor pools anew (an engine start: ~30 s on CPU, 1-2 min on a GPU), hence windows of millions of
 rows. Memory here: the shard list (O(shards), never rows).
 """
