@@ -75,7 +75,8 @@ def in_own_worker(fn: Callable[..., T], *args: Any) -> T:
     native memory; docs/BENCHMARKS.md), so a driver that drove them all grew with the dataset
     (≈ 1.7 GiB projected at 100M rows). A process per execution takes that memory with it.
     An actor that is killed, not a task with max_calls=1: such a task's worker stayed on, idle, after
-    driving an execution (it still owned objects of it), one more per window. Killing it loses only
+    driving a window, one more per window (why, not found: after a plain Ray Data pipeline it does
+    exit; tests/e2e/test_cli.py catches it). Killing it loses only
     what it owned: the execution is over, its output committed, its engines already shut down (the
     window waits for them). On this node: the engine actors a window waits for are looked for on
     its node (wait_for_engine_actors). Not retried: an execution that failed stops the run, and its

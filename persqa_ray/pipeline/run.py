@@ -124,6 +124,6 @@ def _window(stages, shards, stats) -> tuple[int, int]:
     """One window's execution (in a worker of its own: cluster.in_own_worker)."""
     rows = drive(on_ray(stages, shards))
     # The window's engines are down before it returns: before the next window starts (one GPU cannot
-    # hold two), and before this worker exits (Ray would kill the actors it owns mid-shutdown).
+    # hold two), and before this worker is killed (with it the actors it owns, mid-shutdown).
     wait_for_engine_actors(stats)
     return rows, os.getpid()

@@ -5,13 +5,13 @@ Why: Ray keeps some memory per block in the process that drives an execution: fo
 metadata and stats of every operator's output blocks (7-18 KB per block), and after it ≈ 8 KiB a
 block that is never given back; one execution over 100M rows would grow by gigabytes. Windows
 bound the first part by the window's size, and each window is driven from a worker of its own that
-exits after it (pipeline/cluster.py `in_own_worker`), which takes the second part with it. A
+is ended after it (pipeline/cluster.py `in_own_worker`), which takes the second part with it. A
 window is whole shards, in path order (the commit protocol and the resume state are per shard).
 Its row count is predicted from the shards' bytes (known from the listing) at the bytes per row
 seen in the windows before; the first window uses a deliberately small guess, so it is more likely
-too large than too small. Each window starts its
-actor pools anew (an engine start: ~30 s on CPU, 1-2 min on a GPU), hence windows of millions of
-rows. Memory here: the shard list (O(shards), never rows).
+too large than too small. Each window starts its actor pools anew (an engine start: ~30 s on CPU,
+1-2 min on a GPU), hence windows of millions of rows. Memory here: the shard list (O(shards),
+never rows).
 """
 from __future__ import annotations
 
