@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -84,7 +85,7 @@ def in_own_worker(fn: Callable[..., T], *args: Any) -> T:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     worker = _ExecutionDriver.options(scheduling_strategy=here).remote()
     try:
-        return ray.get(worker.call.remote(fn, args, os.environ.get("PERSQA_QUIET") == "1"))
+        return ray.get(worker.call.remote(fn, args, os.environ.get("PERSQA_QUIET") == "1", sys.stdout.isatty()))
     except ray.exceptions.RayTaskError as e:
         raise (e.cause if isinstance(e.cause, Exception) else e) from e
     finally:
@@ -93,18 +94,24 @@ def in_own_worker(fn: Callable[..., T], *args: Any) -> T:
 
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
 class _ExecutionDriver:
-    def call(self, fn, args: tuple, quiet: bool):
+    def call(self, fn, args: tuple, quiet: bool, terminal: bool):
+        import ray.data
+        ctx = ray.data.DataContext.get_current()
         if quiet:  # the CLI's --quiet, also on a joined cluster whose workers did not inherit its env
-            import ray.data
-            ray.data.DataContext.get_current().enable_progress_bars = False
+            ctx.enable_progress_bars = False
             logging.getLogger("ray.data").setLevel(logging.WARNING)
+        if not terminal:
+            # Progress as Ray Data gives it to a driver writing to a file or pipe: a log line now and
+            # then. In a worker it would send bars to the driver (tqdm_ray), printed there line by line.
+            ctx.use_ray_tqdm = False
         return fn(*args)
 
 
 def wait_for_engine_actors(stats, timeout_s: float = 15.0) -> None:
-    """Wait until the engine actors of this machine have shut their engines down. When the run
-    ends, Ray Data lets its actors exit on their own; if this driver exits first, its local Ray
-    kills them mid-shutdown and vLLM's processes print tracebacks after a successful summary.
+    """Wait until the engine actors of this machine have shut their engines down. When a window
+    ends, Ray Data lets its actors exit on their own; if the window's own driver (in_own_worker) is
+    killed first, the actors it owns die with it mid-shutdown and vLLM's processes print tracebacks
+    after a successful summary.
     Actors on other nodes, or killed ones, are not waited for (their pid is not ours to see)."""
     node = ray.get_runtime_context().get_node_id()
     deadline = time.time() + timeout_s

@@ -147,7 +147,7 @@ class GenerateStage:
         if engine is not None and getattr(self, "_owns_engine", False):
             engine.shutdown()
             if getattr(self, "_where", None) and self.stats is not None:
-                # The driver waits for this before it exits (pipeline/run.py wait_for_engine_actors).
+                # The window's driver waits for this before it ends (pipeline/run.py _window).
                 try:
                     import ray
                     ray.get(self.stats.actor_stopped.remote("generate", *self._where), timeout=5)
