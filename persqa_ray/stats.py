@@ -22,7 +22,13 @@ class RunStats:
         self.live: dict[str, set[tuple[str, int]]] = {}  # engine actors started and not yet stopped
 
     def shard_read(self, shard: str, rows: int, extra: dict, error: str | None = None) -> None:
-        """Per shard, so a read task that Ray retries reports the same numbers, not twice."""
+        """Per shard, so a read task that Ray re-executes reports the same numbers, not twice. Its
+        cleanup of what an earlier run left is done once: a re-execution finds nothing left, so
+        those counts keep the first report's."""
+        before = self.shard_extra.get(shard, {})
+        for key in ("records_dropped", "orphan_files_removed"):
+            if key in extra or key in before:
+                extra = {**extra, key: max(extra.get(key, 0), before.get(key, 0))}
         self.shard_rows[shard] = rows
         self.shard_extra[shard] = extra
         if error:

@@ -17,6 +17,12 @@ deleted and its rows redone. The uid is a digest of (shard, positions): a write 
 after it had committed finds its record and writes nothing. Records live under their shard's key,
 so a read task loads only its own shard's state (io/resume.py) and nothing that grows with the
 dataset is built on the driver. The run summary is a fold over records (io/summary.py).
+
+Intents and records name the run that wrote them (its lease owner id), and so do the temporary
+names of both: a read task that Ray re-executes mid-run (a retry after its worker died, or lineage
+reconstruction) loads the state earlier runs left and never touches this run's commits in flight
+(io/resume.py), so it yields exactly what its first attempt did, as Ray requires of a retried
+streaming task.
 """
 from __future__ import annotations
 
@@ -155,6 +161,7 @@ class WriteOptions:
     partition_by: tuple[str, ...]
     fault: Optional[str] = None    # PERSQA_FAULT of the driver (tests only)
     driver_pid: int = 0
+    run_id: str = ""               # the run's lease owner id, written into its intents and records
 
 
 def _partition_dir(names: tuple[str, ...], values: tuple) -> str:
@@ -195,14 +202,15 @@ def _write_file(fs, table: pa.Table, final: str, url: bool, between=lambda: None
     fs.mv(tmp, final)
 
 
-def _write_json(fs, path: str, obj: Any, url: bool) -> None:
-    """Atomic JSON write: tmp + rename locally, one PUT on an object store."""
+def _write_json(fs, path: str, obj: Any, url: bool, run_id: str = "") -> None:
+    """Atomic JSON write: tmp + rename locally, one PUT on an object store. The temporary name
+    carries the writing run's id, so a cleanup knows a temporary file of its own run in flight."""
     data = json.dumps(obj, ensure_ascii=False)
     if url:
         with fs.open(path, "w") as f:
             f.write(data)
         return
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp"
+    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}{'.' + run_id if run_id else ''}.tmp"
     with fs.open(tmp, "w") as f:
         f.write(data)
     fs.mv(tmp, path)
@@ -235,7 +243,7 @@ def commit_unit(fs, root: str, shard: str, unit: pa.Table, opts: WriteOptions) -
         rel = "/".join(x for x in (_partition_dir(names, values), f"part-{shard_key(shard)}-{uid}-{j}.parquet") if x)
         plan.append((rel, data.take(pa.array(idx, pa.int64())).drop_columns(list(names))))
     fs.makedirs(sdir, exist_ok=True)
-    _write_json(fs, f"{sdir}/{uid}.pending", {"files": [rel for rel, _ in plan]}, url)
+    _write_json(fs, f"{sdir}/{uid}.pending", {"files": [rel for rel, _ in plan], "run": opts.run_id}, url, opts.run_id)
     _maybe_fault(opts, "after_pending", fs, root)
     files = []
     for rel, table in plan:
@@ -243,10 +251,10 @@ def commit_unit(fs, root: str, shard: str, unit: pa.Table, opts: WriteOptions) -
         files.append({"path": rel, "size": int(fs.info(f"{root}/{rel}")["size"]), "rows": table.num_rows})
         _maybe_fault(opts, "after_rename", fs, root)
     record = {"version": RECORD_VERSION, "uid": uid, "shard": shard, "files": files, "ranges": ranges, "errors": errors,
-              "counts": unit_counts(unit), "committed_at": round(time.time(), 3)}
+              "counts": unit_counts(unit), "committed_at": round(time.time(), 3), "run": opts.run_id}
     if supersedes:
         record["supersedes"] = supersedes
-    _write_json(fs, record_path, record, url)
+    _write_json(fs, record_path, record, url, opts.run_id)
     _maybe_fault(opts, "after_record", fs, root)
     fs.rm(f"{sdir}/{uid}.pending")
     return unit.num_rows

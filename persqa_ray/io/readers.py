@@ -22,7 +22,7 @@ from persqa_ray.io.concept_rows import CONCEPTS_FORMAT, concept_records
 from persqa_ray.io.duplicate_ids import load_duplicate_positions
 from persqa_ray.io.filesystems import filesystem, parent_of
 from persqa_ray.io.image_refs import RefError, as_ref_list, resolve
-from persqa_ray.io.resume import ResumeOptions, ShardState, load_shard_state, retry_owner
+from persqa_ray.io.resume import ResumeOptions, ShardState, crash_read_task_once, load_shard_state, retry_owner
 from persqa_ray.io.row_ids import given_row_id, positional_row_id
 
 READ_BATCH_ROWS = 512
@@ -237,7 +237,7 @@ def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None,
     dups = load_duplicate_positions(shard, opts.dups_dir, opts.output_storage_options) if opts.id_column else set()
     tally = {"resumed": 0, "retried": 0}
     rows: list[dict] = []
-    count = 0
+    count = yielded = 0
     failure = None
     try:
         for row in _records(shard, fmt, opts, state.is_done if state is not None else _never):
@@ -251,6 +251,10 @@ def read_shard(shard: str, fmt: str, opts: ReadOptions, stats=None,
                 rows = []
                 if table is not None:
                     yield table
+                    yielded += 1
+                    # Ray Data holds a task's last yielded block until the next one: from the second on, one has left.
+                    if resume is not None and resume.fault and yielded >= 2:
+                        crash_read_task_once(shard, resume)
     except Exception as e:  # noqa: BLE001 - a shard that cannot be parsed is reported, not fatal
         failure = f"{type(e).__name__}: {e}"
     table = _finish(rows, dups, state, tally)

@@ -22,18 +22,18 @@ from persqa_ray.stages.base import Stage
 BLOCK_TARGET_BYTES = 16 * 2**20
 
 
-def shard_dataset(shards: Sequence[Shard]):
+def shard_dataset(shards: Sequence[Shard], block_target_bytes: int = BLOCK_TARGET_BYTES):
     """The shard list as a Ray Dataset: one block per shard, so each shard is one read task."""
     import ray
     items = [{"shard": s.path, "format": s.format} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds.context.target_max_block_size = BLOCK_TARGET_BYTES
+    ds.context.target_max_block_size = block_target_bytes
     return ds
 
 
-def on_ray(stages: Sequence[Stage], shards: Sequence[Shard]):
+def on_ray(stages: Sequence[Stage], shards: Sequence[Shard], block_target_bytes: int = BLOCK_TARGET_BYTES):
     """The stages over the shards as one lazy Ray Dataset (nothing runs until it is consumed)."""
-    ds = shard_dataset(shards)
+    ds = shard_dataset(shards, block_target_bytes)
     for st in stages:
         ds = st.apply(ds)
     return ds

@@ -24,7 +24,7 @@ from persqa_ray.io.resume import ResumeOptions
 from persqa_ray.io.summary import summarize, write_summary
 from persqa_ray.pipeline.cluster import in_own_worker, init_ray, resolve_gpus, wait_for_engine_actors
 from persqa_ray.pipeline.concepts import discover_concepts, with_concept_rows
-from persqa_ray.pipeline.executors import drive, on_ray
+from persqa_ray.pipeline.executors import BLOCK_TARGET_BYTES, drive, on_ray
 from persqa_ray.pipeline.plan import Plan, plan
 from persqa_ray.pipeline.stage_list import stage_list
 from persqa_ray.pipeline.windows import Windows
@@ -82,7 +82,7 @@ def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> di
         for w in p.warnings:
             log.warning("%s", w)
         stats = RunStats.remote()
-        windows = _execute(p, stats)
+        windows = _execute(p, stats, lease.owner)
         seconds = time.time() - started
         snapshot = {**ray.get(stats.snapshot.remote()), "windows": windows}
         ray.kill(stats)
@@ -100,29 +100,34 @@ def run(config: Union[PersQAConfig, dict, str], overrides: list[str] = ()) -> di
     return summary
 
 
-def _execute(p: Plan, stats) -> int:
-    """One Ray Data execution per window of shards; returns the number of windows."""
+def _execute(p: Plan, stats, run_id: str) -> int:
+    """One Ray Data execution per window of shards; returns the number of windows. `run_id` (the
+    lease owner) marks this run's commits, which its read tasks never take for earlier work."""
     cfg = p.config
+    fault = os.environ.get("PERSQA_FAULT")  # crash tests: see io/commits.py and io/readers.py
     resume = ResumeOptions(path=cfg.output.path, storage_options=dict(cfg.output.storage_options),
-                           retry_statuses=tuple(cfg.run.retry_errors))
+                           retry_statuses=tuple(cfg.run.retry_errors), run_id=run_id, fault=fault)
     write = WriteOptions(path=cfg.output.path, storage_options=dict(cfg.output.storage_options),
                          partition_by=tuple(cfg.output.partition_by), driver_pid=os.getpid(),
-                         fault=os.environ.get("PERSQA_FAULT"))  # crash tests: see io/commits.py
+                         fault=fault, run_id=run_id)
     stages = stage_list(p, stats, resume, write)
+    # PERSQA_FAULT=read_crash: blocks leave a read task one at a time (Ray Data's own block size),
+    # so the task can die after rows it yielded were committed (io/resume.py crash_read_task_once).
+    block_target = 1 if fault == "read_crash" else BLOCK_TARGET_BYTES
     windows = Windows(p.shards, cfg.run.window_rows)
     for shards in windows:
         if len(shards) < len(p.shards):
             log.info("window %d: %d shard(s) from %s", windows.windows, len(shards), shards[0].path)
-        rows, pid = in_own_worker(_window, stages, shards, stats)
+        rows, pid = in_own_worker(_window, stages, shards, stats, block_target)
         # Ray Data's own log lines for the window are in that worker's log (worker-*-<pid>.out).
         log.info("window %d: %d output rows, driven by Ray worker pid %d", windows.windows, rows, pid)
         windows.observe(ray.get(stats.rows_in.remote()))
     return windows.windows
 
 
-def _window(stages, shards, stats) -> tuple[int, int]:
+def _window(stages, shards, stats, block_target_bytes: int) -> tuple[int, int]:
     """One window's execution (in a worker of its own: cluster.in_own_worker)."""
-    rows = drive(on_ray(stages, shards))
+    rows = drive(on_ray(stages, shards, block_target_bytes))
     # The window's engines are down before it returns: before the next window starts (one GPU cannot
     # hold two), and before this worker is killed (with it the actors it owns, mid-shutdown).
     wait_for_engine_actors(stats)

@@ -1,5 +1,6 @@
 """Actors killed mid-run (by pid): Ray restarts them, their blocks are retried, every row is
 accounted for exactly once, and no vLLM engine process is left behind."""
+import json
 import os
 import signal
 import time
@@ -8,7 +9,16 @@ import pytest
 
 import persqa_ray
 from tests.conftest import demo_config
-from tests.e2e.helpers import cli_running, engine_processes, pids_of, summary_of, wait_for_commits, write_config
+from tests.e2e.helpers import (
+    cli_running,
+    commit_records,
+    engine_processes,
+    pids_of,
+    run_cli,
+    summary_of,
+    wait_for_commits,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -157,8 +167,6 @@ def test_killed_read_task_is_retried_with_the_same_ids(tmp_path, tiny_model):
     """A read task killed by pid mid-shard: Ray retries it; ids are positional and stable, so the
     retried rows are the same rows (no duplicates, none lost); with input.id_column no row is
     falsely flagged as a duplicate of itself."""
-    import json
-
     import make_demo_data
     data = tmp_path / "data"
     make_demo_data.make(data, rows=4)
@@ -188,3 +196,27 @@ def test_killed_read_task_is_retried_with_the_same_ids(tmp_path, tiny_model):
     assert s["errors_by_status"] == {"missing_image": n - 6}  # no duplicate_row_id: ids unchanged
     rows = persqa_ray.read_output(str(out), ["row_id", "id"]).to_pylist()
     assert len(rows) == n and all(r["row_id"] == r["id"] for r in rows)
+
+
+def test_read_task_dying_after_commits_of_its_shard_is_redone_the_same(tmp_path, tiny_model):
+    """A read task whose worker dies after this run committed rows it yielded (PERSQA_FAULT=
+    read_crash): Ray re-executes it, as it does after any worker loss or to rebuild a lost block,
+    and requires the same blocks again. The task takes as done only what earlier runs committed,
+    so it yields them: every row once, none lost, none counted as resumed (on a fresh output)."""
+    import make_demo_data
+    data = tmp_path / "data"
+    manifest = make_demo_data.make(data, rows=20)
+    out = tmp_path / "out"
+    cfg = demo_config(data, out, tiny_model, input={"block_rows": 2}, engine={"batch_size": 2},
+                      image={"batch_size": 2})
+    proc = run_cli(["run", str(write_config(tmp_path / "run.yaml", cfg))], cwd=tmp_path,
+                   env={"PERSQA_FAULT": "read_crash"})
+    assert (out / "_commits" / ".fault-read-crash").exists()  # a read task died after a commit of its shard
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = summary_of(out)
+    assert s["rows_in"] == manifest["rows"] == s["rows_ok"] + s["rows_error"]
+    assert s["rows_resumed"] == 0 and s["duplicates"] == 0 and s["consistent"]
+    keys = [(r["row_id"], r["qa_index"]) for r in persqa_ray.read_output(str(out), ["row_id", "qa_index"]).to_pylist()]
+    assert len(keys) == len(set(keys)) == manifest["rows"]
+    committed = {f["path"] for c in commit_records(out) for f in json.loads(c.read_text())["files"]}
+    assert {str(f.relative_to(out)) for f in out.rglob("*.parquet")} == committed

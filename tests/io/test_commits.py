@@ -110,6 +110,35 @@ def test_pending_intent_removes_exactly_the_announced_files(tmp_path):
     assert sorted(p.name for p in (out / "status=ok").iterdir()) == ["users-notes.txt"]
 
 
+def test_a_read_task_re_executed_mid_run_sees_only_earlier_runs(tmp_path):
+    """Ray re-executes a read task (worker lost, block rebuilt) at any point of a run and needs
+    the same blocks again: this run's own records are not done before it, and its commit in
+    flight (intent, renamed file, temporary record) is left alone. The next run counts the
+    records and cleans the unfinished commit up."""
+    out = tmp_path / "out"
+    ours(out)
+    shard = "/d/a.jsonl"
+    write_committed(block(shard, range(0, 2)), WriteOptions(str(out), {}, ("status",), run_id="earlier"))
+    write_committed(block(shard, range(2, 4)), WriteOptions(str(out), {}, ("status",), run_id="this"))
+    sdir = shard_dir(str(out), shard)
+    # A writer of this run between renaming its data file and renaming its record into place:
+    (out / "status=ok" / "part-x-ef-0.parquet").write_bytes(b"renamed, not yet recorded")
+    with open(f"{sdir}/ef.pending", "w") as f:
+        json.dump({"files": ["status=ok/part-x-ef-0.parquet"], "run": "this"}, f)
+    with open(f"{sdir}/.ef.json.this.tmp", "w") as f:
+        f.write("{}")
+    in_flight = sorted(os.listdir(sdir)) + sorted(os.listdir(out / "status=ok"))
+
+    again = load_shard_state(shard, ResumeOptions(str(out), {}, run_id="this"))
+    assert again.done == [[0, 2]] and again.orphan_files_removed == 0 and again.records_dropped == 0
+    assert sorted(os.listdir(sdir)) + sorted(os.listdir(out / "status=ok")) == in_flight
+
+    after = load_shard_state(shard, ResumeOptions(str(out), {}, run_id="next"))
+    assert after.done == [[0, 4]] and after.orphan_files_removed == 1
+    assert not [n for n in os.listdir(sdir) if not n.endswith(".json")]
+    assert "part-x-ef-0.parquet" not in os.listdir(out / "status=ok")
+
+
 def test_retry_supersedes_old_error_rows_in_one_record(tmp_path):
     out = tmp_path / "out"
     ours(out)
