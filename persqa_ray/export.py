@@ -183,6 +183,20 @@ def _split_path(path: str, part: str) -> str:
     return f"{root}.{part}{ext}"
 
 
+# Characters that JSON leaves raw inside strings but that many line readers take for line breaks
+# (Python's str.splitlines, JavaScript before ES2019): a model's answer held U+0085 and a JSONL
+# line read back as two. Escaped, the line is still the same JSON value.
+_LINE_BREAKS_JSON_KEEPS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def jsonl_line(obj) -> str:
+    """One JSONL line (UTF-8 text kept readable), safe for any line splitter."""
+    line = json.dumps(obj, ensure_ascii=False)
+    for raw, escaped in _LINE_BREAKS_JSON_KEEPS.items():
+        line = line.replace(raw, escaped)
+    return line + "\n"
+
+
 class _Writer:
     """Writes records as they come: JSONL lines, or one JSON list written item by item."""
 
@@ -199,7 +213,7 @@ class _Writer:
     def write(self, records: list[dict]) -> None:
         for r in records:
             if self.fmt == "jsonl":
-                self.f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                self.f.write(jsonl_line(r))
             else:
                 self.f.write(("," if self.n else "") + "\n" + json.dumps(r, ensure_ascii=False, indent=1))
             self.n += 1

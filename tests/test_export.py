@@ -7,6 +7,7 @@ from persqa_ray.export import (
     ExportError,
     Images,
     RapDatabase,
+    _Writer,
     parse_split,
     split_by_concept,
     to_jsonl,
@@ -107,3 +108,14 @@ def test_rap_database_in_raps_layout(tmp_path):
                                                "info": "<eileen> is an astronaut.", "category": "person"}
     assert got["path_to_concept"] == {"/d/refs/c1.jpg": "<chelsea>", "/d/refs/c2.jpg": "<chelsea>",
                                       "/d/x.jpg": "<eileen>"}
+
+
+def test_jsonl_lines_survive_any_line_splitter(tmp_path):
+    """A random model's answer held U+0085: JSON keeps it raw, str.splitlines breaks the line there."""
+    answer = "<mam> a\x85b\u2028c\u2029d"
+    w = _Writer("jsonl", str(tmp_path / "x.jsonl"), None)
+    w.write([{"answer": answer}, {"answer": "e"}])
+    assert w.close() == 2
+    text = (tmp_path / "x.jsonl").read_text(encoding="utf-8")
+    assert [json.loads(line)["answer"] for line in text.splitlines()] == [answer, "e"]
+    assert "<mam> a" in text  # UTF-8 text stays readable: only the three breaks are escaped

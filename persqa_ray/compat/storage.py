@@ -15,6 +15,8 @@ from typing import Any, Optional, Union
 
 import pandas as pd
 
+from persqa_ray.export import jsonl_line
+
 CACHE_TYPES = ("jsonl", "json", "parquet", "csv")
 NO_STEP = ("You must call storage.step() before reading or writing data. Please call storage.step() first "
            "for each operator step.")  # DataFlow-MM's own message
@@ -107,7 +109,7 @@ def _write_rows(rows: list[dict], path: str, cache_type: str) -> None:
     if cache_type == "jsonl":
         with open(path, "w", encoding="utf-8") as f:
             for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.write(jsonl_line(r))
     elif cache_type == "json":
         with open(path, "w", encoding="utf-8") as f:
             json.dump(rows, f, ensure_ascii=False, indent=2)

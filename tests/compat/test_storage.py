@@ -38,6 +38,14 @@ def test_jsonl_never_writes_nan(tmp_path):
     assert lines[1]["a"] is None
 
 
+def test_jsonl_lines_survive_any_line_splitter(tmp_path):
+    s = FileStorage(first_entry_file_name="x.jsonl", cache_path=str(tmp_path), file_name_prefix="p").step()
+    answer = "Question: q Answer: <mam> a\x85b\u2028c"
+    path = s.write(pd.DataFrame([{"pers_qa": answer}, {"pers_qa": "x"}]))
+    with open(path, encoding="utf-8") as f:
+        assert [json.loads(line)["pers_qa"] for line in f.read().splitlines()] == [answer, "x"]
+
+
 def test_bad_cache_type_and_output_type(tmp_path):
     with pytest.raises(ValueError, match="cache_type"):
         FileStorage("x.jsonl", cache_type="xlsx")
