@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -51,6 +52,37 @@ class GenerateOptions:
         return cls(engine=e.spec(cfg.prompt.seed), model_name=e.model, prompt_version=templates.prompt_version,
                    seed=cfg.prompt.seed, pers_qa_format=cfg.output.pers_qa_format or templates.pers_qa_format,
                    max_retries=e.max_retries, guided_prefix=e.guided_prefix, max_engine_restarts=e.restart_budget)
+
+
+# A CI rehearsal once saw a restart stop after "engine died; recreating it" for good: no new engine
+# was started in 6 minutes. The dead engine's shutdown never returned (or never began: it ran in the
+# loop's shared thread pool, which in-flight batches also use). Cause not reproduced; so it runs in a
+# thread of its own and the restart waits for it at most this long (the engine's processes are dead
+# already; what a stuck shutdown still holds is freed with the actor).
+DEAD_ENGINE_SHUTDOWN_WAIT_S = 60.0
+
+
+async def _shut_down_dead(engine, wait_s: float = DEAD_ENGINE_SHUTDOWN_WAIT_S) -> None:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def shut_down() -> None:
+        try:
+            engine.shutdown()
+        except Exception:  # noqa: BLE001 - best effort: the engine is dead already
+            log.debug("dead engine's shutdown raised", exc_info=True)
+        finally:
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    threading.Thread(target=shut_down, name="persqa-dead-engine-shutdown", daemon=True).start()
+    try:
+        await asyncio.wait_for(asyncio.shield(done), wait_s)
+    except asyncio.TimeoutError:
+        log.warning("the dead engine's shutdown has not returned after %.0f s: starting a new engine anyway",
+                    wait_s)
 
 
 class GenerateStage:
@@ -120,10 +152,7 @@ class GenerateStage:
     async def _restart_engine(self) -> None:
         self.engine_restarts += 1
         log.warning("engine died; recreating it (restart %d)", self.engine_restarts)
-        try:
-            await asyncio.to_thread(self.engine.shutdown)  # its wait for the engine's processes off the loop
-        except Exception:  # noqa: BLE001
-            pass
+        await _shut_down_dead(self.engine)
         self.engine = self.opts.engine.build()
         if self.stats is not None:
             self.stats.add.remote("engine_restarts", 1)

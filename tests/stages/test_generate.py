@@ -226,3 +226,41 @@ def test_a_frozen_offline_engine_times_out_and_is_restarted(tiny_model):
             with contextlib.suppress(psutil.Error):
                 p.kill()
         stage.engine.shutdown()
+
+
+def test_a_dead_engine_shutdown_neither_hangs_the_restart_nor_waits_for_the_loop_threads():
+    """The restart once stopped for good after "engine died; recreating it". Its shutdown of the dead
+    engine now runs in a thread of its own (the loop's shared pool can be full of in-flight work)
+    and is waited for at most `wait_s`."""
+    import asyncio
+    import threading
+    import time
+
+    from persqa_ray.stages.generate import _shut_down_dead
+
+    release = threading.Event()
+
+    class Engine:
+        def __init__(self, hangs: bool):
+            self.hangs, self.stopped = hangs, False
+
+        def shutdown(self):
+            if self.hangs:
+                release.wait(60)
+            self.stopped = True
+
+    async def restart_with_a_full_pool(engine):
+        loop = asyncio.get_running_loop()
+        busy = [loop.run_in_executor(None, release.wait, 60) for _ in range(64)]  # every shared thread
+        t0 = time.monotonic()
+        await _shut_down_dead(engine, wait_s=2.0)
+        took, stopped = time.monotonic() - t0, engine.stopped
+        release.set()
+        await asyncio.gather(*busy)
+        return took, stopped
+
+    took, stopped = asyncio.run(restart_with_a_full_pool(Engine(hangs=False)))
+    assert took < 1.5 and stopped  # old: asyncio.to_thread waited for a free shared thread (60 s here)
+    release.clear()
+    took, stopped = asyncio.run(restart_with_a_full_pool(Engine(hangs=True)))
+    assert 1.9 < took < 5 and not stopped  # gave up waiting, the restart goes on
