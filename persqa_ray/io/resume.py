@@ -153,7 +153,8 @@ def load_shard_state(shard: str, opts: ResumeOptions) -> ShardState:
 def crash_read_task_once(shard: str, opts: ResumeOptions, wait_s: float = 300.0) -> None:
     """Fault injection (PERSQA_FAULT=read_crash, tests only): the first read task to get here dies
     once this run has committed rows of its shard (rows it yielded), as a worker lost mid-run does;
-    Ray re-executes the task. Called after the task yielded its shard's first block."""
+    Ray re-executes the task. Called after each block the task yields from its second on (Ray Data
+    holds a task's last block until the next one: by then one block has left the task)."""
     if opts.fault != "read_crash":
         return
     fs, root = output_root(opts.path, opts.storage_options)
