@@ -111,7 +111,7 @@ def _execute(p: Plan, stats, run_id: str) -> int:
                          partition_by=tuple(cfg.output.partition_by), driver_pid=os.getpid(),
                          fault=fault, run_id=run_id)
     stages = stage_list(p, stats, resume, write)
-    # PERSQA_FAULT=read_crash: blocks leave a read task one at a time (Ray Data's own block size),
+    # PERSQA_FAULT=read_crash: blocks leave a read task one at a time (a 1-byte block target),
     # so the task can die after rows it yielded were committed (io/resume.py crash_read_task_once).
     block_target = 1 if fault == "read_crash" else BLOCK_TARGET_BYTES
     windows = Windows(p.shards, cfg.run.window_rows)

@@ -56,9 +56,10 @@ class GenerateOptions:
 
 # A CI rehearsal once saw a restart stop after "engine died; recreating it" for good: no new engine
 # was started in 6 minutes. The dead engine's shutdown never returned (or never began: it ran in the
-# loop's shared thread pool, which in-flight batches also use). Cause not reproduced; so it runs in a
-# thread of its own and the restart waits for it at most this long (the engine's processes are dead
-# already; what a stuck shutdown still holds is freed with the actor).
+# loop's shared thread pool, which other work on the loop can use too). Cause not reproduced; so it
+# runs in a daemon thread of its own (an executor's thread would be joined when the actor exits) and
+# the restart waits for it at most this long (the engine's processes are dead already; what a stuck
+# shutdown still holds is freed with the actor).
 DEAD_ENGINE_SHUTDOWN_WAIT_S = 60.0
 
 
@@ -79,7 +80,7 @@ async def _shut_down_dead(engine, wait_s: float = DEAD_ENGINE_SHUTDOWN_WAIT_S) -
 
     threading.Thread(target=shut_down, name="persqa-dead-engine-shutdown", daemon=True).start()
     try:
-        await asyncio.wait_for(asyncio.shield(done), wait_s)
+        await asyncio.wait_for(done, wait_s)  # on timeout `done` is cancelled: the thread's set is skipped
     except asyncio.TimeoutError:
         log.warning("the dead engine's shutdown has not returned after %.0f s: starting a new engine anyway",
                     wait_s)
