@@ -272,35 +272,67 @@ class AsyncVLLMEngine(_VLLMBase, AsyncEngine):
         return self.async_llm
 
     async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Submit every request at once; each finishes on its own (no batch-wide failure)."""
-        return list(await asyncio.gather(*(self._agenerate_one(r) for r in requests)))
-
-    async def _agenerate_one(self, req: GenerationRequest) -> GenerationResult:
+        """Submit every request at once; each finishes on its own (no batch-wide failure), but
+        all of them fail when their engine dies or hangs (`_watch`)."""
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex
-        final = None
-
-        async def consume():
-            nonlocal final
-            async for out in self.async_llm.generate(self._inputs(req), self._params(req), request_id):
-                final = out
+        allm = self.async_llm
+        calls = [asyncio.ensure_future(self._agenerate_one(allm, r, started)) for r in requests]
         try:
-            await asyncio.wait_for(consume(), self.request_timeout_s)
-        except asyncio.TimeoutError:
-            # A request this late means a hung engine (a stuck process answers nothing): abort it
-            # and report the engine dead, so the stage rebuilds it and retries the batch.
-            self.hung = True
-            try:
-                await asyncio.wait_for(self.async_llm.abort(request_id), 5)
-            except Exception:  # noqa: BLE001 - the engine may not answer at all
-                pass
-            return GenerationResult(None, error=f"TimeoutError: no answer in {self.request_timeout_s:g} s "
-                                    "(engine.request_timeout_s)")
+            failure = await self._watch(calls, allm, started)
+        except asyncio.CancelledError:  # our caller gave up: so do the requests
+            for call in calls:
+                call.cancel()
+            raise
+        return [call.result() if call.done() and not call.cancelled() else GenerationResult(None, error=failure)
+                for call in calls]
+
+    async def _agenerate_one(self, allm, req: GenerationRequest, started: float) -> GenerationResult:
+        final = None
+        try:
+            async for out in allm.generate(self._inputs(req), self._params(req), uuid.uuid4().hex):
+                final = out
         except Exception as e:  # noqa: BLE001 - this request only (or a dead engine: see alive())
             return GenerationResult(None, error=f"{type(e).__name__}: {e}")
         if final is None:
             return GenerationResult(None, error="engine returned no output")
         return self._result(final, time.perf_counter() - started)
+
+    async def _watch(self, calls: list, allm, started: float, poll_s: float = 0.2) -> Optional[str]:
+        """Wait for a batch's requests; None once all are done, or the error of those still open
+        when their engine died or hung.
+
+        vLLM's async client answers a request only from its engine's outputs. When the engine process
+        dies, its monitor thread marks the engine dead and closes the client, and the requests then in
+        flight may get nothing more: they wait for ever (reproduced: an engine SIGKILLed with two
+        batches in flight left them waiting past the 600 s default of request_timeout_s while the
+        restarted engine sat idle; tests/e2e/test_faults.py). So each batch is watched: its open
+        requests fail as soon as vLLM marks the engine dead, the engine is stopped or taken for hung
+        (a restart is under way), or past request_timeout_s (then the engine is taken for hung); the
+        stage then rebuilds the engine and retries the batch. One watch per batch, not per request:
+        with hundreds of requests in flight on a GPU, the checks stay a few per second per batch."""
+        deadline = started + self.request_timeout_s if self.request_timeout_s else None
+        pending = set(calls)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=poll_s)
+            if not pending:
+                break
+            if allm is None or allm.errored or self.async_llm is not allm:
+                failure = "EngineDeadError: the engine process died"
+            elif self.hung:
+                failure = "TimeoutError: the engine was taken for hung (engine.request_timeout_s)"
+            elif deadline is not None and time.perf_counter() > deadline:
+                # A request this late means a hung engine (a stuck process answers nothing).
+                self.hung = True
+                failure = f"TimeoutError: no answer in {self.request_timeout_s:g} s (engine.request_timeout_s)"
+            else:
+                continue
+            # Cancelled, vLLM's generate() aborts the request in its engine: a dead engine refuses at
+            # once, a frozen one may never answer, so the aborts get a few seconds, no more.
+            for call in pending:
+                call.cancel()
+            await asyncio.wait(pending, timeout=5)
+            return failure
+        return None
 
     def alive(self) -> bool:
         allm = self.async_llm  # None once stopped (a restart shuts it down in a thread): not alive

@@ -104,12 +104,14 @@ def _execute(p: Plan, stats, run_id: str) -> int:
     """One Ray Data execution per window of shards; returns the number of windows. `run_id` (the
     lease owner) marks this run's commits, which its read tasks never take for earlier work."""
     cfg = p.config
-    fault = os.environ.get("PERSQA_FAULT")  # crash tests: see io/commits.py and io/readers.py
+    fault = os.environ.get("PERSQA_FAULT")  # crash tests: io/commits.py, io/resume.py, stages/generate.py
     resume = ResumeOptions(path=cfg.output.path, storage_options=dict(cfg.output.storage_options),
                            retry_statuses=tuple(cfg.run.retry_errors), run_id=run_id, fault=fault)
     write = WriteOptions(path=cfg.output.path, storage_options=dict(cfg.output.storage_options),
                          partition_by=tuple(cfg.output.partition_by), driver_pid=os.getpid(),
                          fault=fault, run_id=run_id)
+    if fault:  # the engine faults (stages/generate.py GenerateStage._maybe_fault)
+        p = dataclasses.replace(p, generate=dataclasses.replace(p.generate, fault=fault))
     stages = stage_list(p, stats, resume, write)
     # PERSQA_FAULT=read_crash: blocks leave a read task one at a time (a 1-byte block target),
     # so the task can die after rows it yielded were committed (io/resume.py crash_read_task_once).

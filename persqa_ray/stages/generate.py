@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import pyarrow as pa
@@ -45,6 +47,7 @@ class GenerateOptions:
     max_retries: int
     guided_prefix: bool
     max_engine_restarts: int = 3
+    fault: Optional[str] = None  # PERSQA_FAULT of the driver (tests only): see GenerateStage._maybe_fault
 
     @classmethod
     def from_config(cls, cfg, templates) -> "GenerateOptions":
@@ -93,6 +96,7 @@ class GenerateStage:
         # Reference images shown in prompts, decoded here once per concept (not carried by every row).
         self.references = ReferenceImages(references) if references is not None else None
         self.engine_restarts = 0
+        self._engine_calls = 0
         self.in_flight = self.max_in_flight = 0
         self._restart_lock = None
         # `engine`: an already running engine (the DataFlow face and tests share one); otherwise the
@@ -139,6 +143,7 @@ class GenerateStage:
             async with self._restart_lock:
                 pass
         engine = self.engine
+        await self._maybe_fault()
         results = await engine.agenerate(reqs)
         # Errors from an engine that was replaced meanwhile, or that is dead: retry on the current one.
         if any(r.error for r in results) and (self.engine is not engine or not engine.alive()):
@@ -149,6 +154,28 @@ class GenerateStage:
                 results = await self.engine.agenerate(reqs)
             self._give_up_if_dead(results)
         return results
+
+    async def _maybe_fault(self) -> None:
+        """Fault injection (PERSQA_FAULT=engine_kill or engine_freeze, tests only): once per run, as
+        this actor's second engine call starts (its first batch answered or still in flight), its
+        vLLM engine process is SIGKILLed or SIGSTOPped: a real death or hang, mid-run. A test that
+        sent the signal itself had to race the run for that moment (catch the engine process between
+        the first commit and the engine's last answer), and once lost it in CI."""
+        sig = {"engine_kill": signal.SIGKILL, "engine_freeze": signal.SIGSTOP}.get(self.opts.fault or "")
+        if sig is None or not self._owns_engine or self.stats is None:
+            return
+        self._engine_calls += 1
+        if self._engine_calls != 2 or await self.stats.counter.remote("fault_engine_signalled"):
+            return  # not this call, or done already (a replacement actor runs clean)
+        self.stats.add.remote("fault_engine_signalled", 1)
+        for _ in range(50):  # up to 10 s: found at once so far, but a miss must not pass silently
+            cores = _engine_core_pids()
+            if cores:
+                log.warning("PERSQA_FAULT=%s: signalling engine process %d", self.opts.fault, cores[0])
+                os.kill(cores[0], sig)
+                return
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"PERSQA_FAULT={self.opts.fault}: no engine process found under pid {os.getpid()}")
 
     async def _restart_engine(self) -> None:
         self.engine_restarts += 1
@@ -183,6 +210,28 @@ class GenerateStage:
                     ray.get(self.stats.actor_stopped.remote("generate", *self._where), timeout=5)
                 except Exception:  # noqa: BLE001 - the run is over either way
                     pass
+
+
+def _engine_core_pids() -> list[int]:
+    """vLLM engine processes (titled ...EngineCore...) among this process's descendants, read
+    from /proc (PERSQA_FAULT only)."""
+    parent, title = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+                title[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            parent[int(entry)] = int(stat.rsplit(b")", 1)[1].split()[1])
+    me, found = os.getpid(), []
+    for pid, cmd in title.items():
+        p, hops = parent.get(pid), 0
+        while p not in (None, 0, 1, me) and hops < 64:
+            p, hops = parent.get(p), hops + 1
+        if p == me and b"EngineCore" in cmd:
+            found.append(pid)
+    return sorted(found)
 
 
 def generate_stage(p: "Plan", stats: Any = None) -> Stage:
