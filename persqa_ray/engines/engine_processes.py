@@ -75,11 +75,12 @@ def no_resource_tracker() -> None:
         tracker._fd, tracker._pid = os.open(os.devnull, os.O_WRONLY), None
 
 
-def descendants(exclude: frozenset[int] | set[int] = frozenset()) -> list:
-    """This process's descendants (psutil handles), but those in `exclude`; [] without psutil."""
+def descendants(exclude: frozenset[int] | set[int] = frozenset(), children_only: bool = False) -> list:
+    """This process's descendants (psutil handles), or only its children, but those in `exclude`;
+    [] without psutil."""
     try:
         import psutil
-        return [p for p in psutil.Process().children(recursive=True) if p.pid not in exclude]
+        return [p for p in psutil.Process().children(recursive=not children_only) if p.pid not in exclude]
     except Exception:  # noqa: BLE001 - psutil missing: nothing to wait for
         return []
 

@@ -105,6 +105,8 @@ class _VLLMBase:
         self._children_before = {p.pid for p in descendants()}  # the engine's are those started after
         with engine_start(self.cpu_settings):
             self._start(kwargs)
+        # The engine's first process(es), EngineCore (its worker is their child): what PERSQA_FAULT signals.
+        self.process_ids = [p.pid for p in descendants(self._children_before, children_only=True)]
         self.tokenizer = self._load_tokenizer(model)
         # vLLM's CPU backend kills its engine process when a request with its own seed is partly
         # prefilled ("CPU Generator does not use offset": the rewind in _bookkeeping_sync assumes

@@ -107,6 +107,34 @@ class _ExecutionDriver:
         return fn(*args)
 
 
+def cause_note(e: BaseException) -> str:
+    """'cause: <type>: <message>' of the innermost exception `e` wraps ('' if none).
+
+    Across Ray the link is kept only as text: a task's error comes back as a RayTaskError whose
+    `cause` is the task's exception without *its* causes (Ray Data's "UDF failed to process a data
+    block" loses the stage's own exception that way, and so do notes added to it); the RayTaskError's
+    text still has the remote traceback, the innermost exception first, before Python's "direct
+    cause" line. Elsewhere exceptions link by __cause__."""
+    inner, seen = e, set()
+    while id(inner) not in seen:
+        seen.add(id(inner))
+        text = str(inner) if isinstance(inner, ray.exceptions.RayTaskError) else ""
+        if _DIRECT_CAUSE in text:
+            roots = [ln.strip() for ln in text.split(_DIRECT_CAUSE)[0].splitlines()
+                     if ln.strip() and not ln[:1].isspace()]
+            if roots:
+                return f"cause: {roots[-1][-1000:]}"
+        nxt = [c for c in (inner.__cause__, getattr(inner, "cause", None))
+               if isinstance(c, BaseException) and id(c) not in seen]
+        if not nxt:
+            break
+        inner = nxt[0]
+    return "" if inner is e else f"cause: {type(inner).__name__}: {str(inner)[-1000:]}"
+
+
+_DIRECT_CAUSE = "The above exception was the direct cause of the following exception:"
+
+
 def wait_for_engine_actors(stats, timeout_s: float = 15.0) -> None:
     """Wait until the engine actors of this machine have shut their engines down. When a window
     ends, Ray Data lets its actors exit on their own; if the window's own driver (in_own_worker) is

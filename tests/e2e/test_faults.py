@@ -204,3 +204,19 @@ def test_read_task_dying_after_commits_of_its_shard_is_redone_the_same(tmp_path,
     assert len(keys) == len(set(keys)) == manifest["rows"]
     committed = {f["path"] for c in commit_records(out) for f in json.loads(c.read_text())["files"]}
     assert {str(f.relative_to(out)) for f in out.rglob("*.parquet")} == committed
+
+
+def test_a_stage_that_fails_is_named_with_its_cause(tmp_path, tiny_model):
+    """A run stopped by an exception in a stage: the CLI's line names that exception, not only Ray
+    Data's wrapper ("UDF failed to process a data block" was all a failed CI run showed). The
+    failure: PERSQA_FAULT=engine_kill with the stand-in engine, which has no process to signal."""
+    import make_demo_data
+    data = tmp_path / "data"
+    make_demo_data.make(data, rows=8)
+    cfg = demo_config(data, tmp_path / "out", tiny_model, input={"block_rows": 2})
+    cfg["engine"] = {"kind": "standin", "model": "standin", "max_tokens": 4, "batch_size": 2, "num_cpus": 0.5}
+    proc = run_cli(["run", str(write_config(tmp_path / "s.yaml", cfg)), "--quiet"], cwd=tmp_path, timeout=300,
+                   env={"PERSQA_FAULT": "engine_kill"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("persqa-ray: run stopped:"))
+    assert "(cause: RuntimeError: PERSQA_FAULT=engine_kill: this engine has no process of its own to signal)" in line
