@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - a run that stopped: one clear line, the traceback in the log
             logging.getLogger("persqa_ray").debug("run stopped", exc_info=True)
             from persqa_ray.pipeline.cluster import cause_note
-            notes = [cause_note(e)] + list(getattr(e, "__notes__", ()))
-            because = "".join(f" ({n})" for n in dict.fromkeys(notes) if n)
+            note = cause_note(e)
+            because = f" ({note})" if note else ""
             first, _, rest = str(e)[-2000:].partition("\n")  # the cause on the first line, where it is read
             print(f"persqa-ray: run stopped: {type(e).__name__}: {first}{because}" + (f"\n{rest}" if rest else ""),
                   file=sys.stderr)

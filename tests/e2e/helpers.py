@@ -95,6 +95,19 @@ def engine_processes() -> list[str]:
             if any(m in cmd or m in comm for m in ENGINE_PROCESS_MARKERS) and not _is_ours(pid)]
 
 
+def session_pids(sid: int) -> list[int]:
+    """Live processes of session `sid` (a CLI started with start_new_session, and everything it
+    started: Ray's workers are in it, though not in its process group)."""
+    found = []
+    for pid, _, _ in _live_processes():
+        try:
+            if os.getsid(int(pid)) == sid:
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def pids_of(marker: str) -> list[int]:
     """Live processes whose title or command line contains `marker`."""
     return [int(pid) for pid, comm, cmd in _live_processes() if marker in cmd or marker in comm]

@@ -15,6 +15,7 @@ from tests.e2e.helpers import (
     engine_processes,
     pids_of,
     run_cli,
+    session_pids,
     summary_of,
     wait_for_commits,
     write_config,
@@ -94,10 +95,9 @@ def _run_with_engine_fault(tmp_path, tiny_model, fault: str, **engine):
         try:
             stdout, stderr = proc.communicate(timeout=400)
         finally:  # a frozen engine process outlives the run if nothing killed it: not ours to leave
-            for pid in pids_of("VLLM::EngineCore"):
-                if _session_of(pid) == proc.pid:
-                    for sig in (signal.SIGKILL, signal.SIGCONT):
-                        _signal(pid, sig)
+            for pid in set(pids_of("VLLM::EngineCore")) & set(session_pids(proc.pid)):
+                for sig in (signal.SIGKILL, signal.SIGCONT):
+                    _signal(pid, sig)
     assert proc.returncode == 0, stderr[-4000:]
     s = summary_of(out)
     assert s["rows_in"] == manifest["rows"] == s["rows_ok"] + s["rows_error"] and s["duplicates"] == 0
@@ -131,13 +131,6 @@ def test_hung_engine_times_out_and_is_restarted(tmp_path, tiny_model):
     aborted, the engine is rebuilt and the batch retried; the run finishes with every row."""
     s, _ = _run_with_engine_fault(tmp_path, tiny_model, "engine_freeze", request_timeout_s=20)
     assert s["engine_restarts"] == 1 and s["engine_actor_exits"] == 0
-
-
-def _session_of(pid: int) -> int:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return -1
 
 
 def _signal(pid: int, sig) -> None:

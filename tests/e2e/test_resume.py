@@ -1,9 +1,7 @@
 """Crash and resume: SIGKILL the CLI's whole process group mid-run (twice, at different points),
 rerun, and get every row exactly once; then a rebuild over a grown input does only the new rows."""
 import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,6 +12,7 @@ from tests.e2e.helpers import (
     commit_records,
     engine_processes,
     run_cli,
+    session_pids,
     summary_of,
     wait_for_commits,
     write_config,
@@ -31,23 +30,9 @@ def run_and_kill(cfg_path, cwd, out, at_least: int) -> int:
     with cli_running(["run", str(cfg_path), "--quiet"], cwd) as proc:
         wait_for_commits(proc, out, at_least)
     deadline = time.time() + 90  # a Ray worker waits up to 60 s for its lost GCS before it exits
-    while _session_processes(proc.pid) and time.time() < deadline:
+    while session_pids(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
     return len(commit_records(out))
-
-
-def _session_processes(sid: int) -> list[int]:
-    """Live (not zombie) processes of session `sid`: the CLI's and everything it started."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if stat[0] != "Z" and int(stat[3]) == sid:  # fields after the name: state, ppid, pgrp, session
-                found.append(int(entry))
-    return found
 
 
 def wait_no_engines(seconds=20):
